@@ -1,0 +1,71 @@
+"""The batch a training step sees, whatever shape the user's loader yields."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+View = dict[str, Tensor]
+"""A view: the logits of a model (key ``"logits"``, shape ``(B, K)``) plus one entry per tap path."""
+
+
+@dataclass
+class Batch:
+    """One mini-batch.
+
+    Attributes:
+        inputs: model input, e.g. images ``(B, C, H, W)`` or features ``(B, D)``.
+        targets: integer class labels ``(B,)``, or ``None`` for unlabeled data.
+        index: position of each sample in its data set ``(B,)``, or ``None``. Methods that keep
+            per-sample state (memory banks, caches) read it.
+    """
+
+    inputs: Tensor
+    targets: Tensor | None = None
+    index: Tensor | None = None
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+
+        return replace(self, inputs=move(self.inputs), targets=move(self.targets), index=move(self.index))
+
+    def __len__(self) -> int:
+        return int(self.inputs.shape[0])
+
+
+def as_batch(obj: Any) -> Batch:
+    """Turn what a loader yields into a :class:`Batch`.
+
+    Accepts a ``Batch``; a tuple/list ``(inputs,)``, ``(inputs, targets)`` or
+    ``(inputs, targets, index)``; a mapping with keys ``inputs``/``input``/``x``,
+    ``targets``/``target``/``labels``/``y`` and optionally ``index``; or a bare tensor.
+    """
+    if isinstance(obj, Batch):
+        return obj
+    if isinstance(obj, Tensor):
+        return Batch(obj)
+    if isinstance(obj, Mapping):
+        def pick(*names: str) -> Any:
+            for n in names:
+                if n in obj:
+                    return obj[n]
+            return None
+
+        inputs = pick("inputs", "input", "x", "images", "image")
+        if inputs is None:
+            raise ValueError(
+                f"batch mapping has keys {sorted(obj)}; expected one of 'inputs', 'input', 'x', 'images'"
+            )
+        return Batch(inputs, pick("targets", "target", "labels", "label", "y"), pick("index", "indices", "idx"))
+    if isinstance(obj, Sequence) and not isinstance(obj, (str, bytes)):
+        if not 1 <= len(obj) <= 3:
+            raise ValueError(
+                f"batch tuple has {len(obj)} items; expected (inputs,), (inputs, targets) or (inputs, targets, index)"
+            )
+        return Batch(*obj)
+    raise TypeError(f"cannot read a batch from {type(obj).__name__}; expected a tuple, a mapping, a tensor or a Batch")

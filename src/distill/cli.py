@@ -1,0 +1,130 @@
+"""The ``distill`` command: demo, run, train, methods, compare."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+console = Console()
+err = Console(stderr=True)
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from distill.methods import list_methods
+
+    infos = list_methods(args.family)
+    if args.json:
+        print(json.dumps([{"name": i.name, "family": i.family, "title": i.paper.title, "authors": i.paper.authors,
+                           "year": i.paper.year, "arxiv": i.paper.arxiv, "venue": i.paper.venue,
+                           "defaults": i.defaults} for i in infos], indent=2, default=str))
+        return 0
+    table = Table(title=f"{len(infos)} methods", show_lines=False)
+    for col in ("name", "family", "paper", "year", "arXiv", "defaults"):
+        table.add_column(col, overflow="fold")
+    for i in infos:
+        defaults = ", ".join(f"{k}={v!r}" for k, v in i.defaults.items())
+        table.add_row(i.name, i.family, f"{i.paper.title} ({i.paper.authors})", str(i.paper.year),
+                      i.paper.arxiv or "–", defaults)
+    console.print(table)
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace, kind: str | None = None) -> int:
+    from distill.recipes import load_recipe
+    from distill.report import compare
+    from distill.runner import run_recipe
+
+    recipe = load_recipe(args.recipe)
+    if kind == "train" and recipe.kind != "train":
+        if recipe.teacher is not None:
+            err.print(f"[red]error:[/red] {args.recipe} has a teacher; 'distill train' trains one model alone "
+                      "(use 'distill run' to distill)")
+            return 2
+        recipe = recipe.model_copy(update={"kind": "train"})
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    dirs = run_recipe(recipe, out_dir=args.out, progress=not args.no_progress, resume=args.resume, seeds=seeds)
+    table, _ = compare(dirs)
+    console.print(table)
+    console.print(f"run folder: {dirs[0].parent}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from distill.report import compare
+
+    table, _ = compare(args.runs)
+    console.print(table)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from distill.demo import run_demo
+
+    run_demo(out_dir=args.out, seeds=args.seeds, epochs=args.epochs, methods=args.methods,
+             progress=not args.no_progress)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from distill import __version__
+
+    p = argparse.ArgumentParser(prog="distill", description="Knowledge distillation for PyTorch.")
+    p.add_argument("--version", action="version", version=f"distill {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="teacher, scratch student and every logit method on the embedded digits data")
+    demo.add_argument("--out", default="runs", help="parent folder of the demo's run folder (default: runs)")
+    demo.add_argument("--seeds", type=int, default=3, help="seeds per method (default: 3)")
+    demo.add_argument("--epochs", type=int, default=None, help="student epochs (default: the demo's protocol)")
+    demo.add_argument("--methods", nargs="+", default=None, help="only these demo rows (e.g. scratch kd dkd)")
+    demo.add_argument("--no-progress", action="store_true")
+    demo.set_defaults(func=_cmd_demo)
+
+    for name, kind, help_ in (("run", None, "run a recipe (distillation or training)"),
+                              ("train", "train", "train one model without a teacher (e.g. a teacher)")):
+        r = sub.add_parser(name, help=help_)
+        r.add_argument("recipe", help="path of a YAML recipe")
+        r.add_argument("--out", default=None, help="output parent folder (default: the recipe's output_dir)")
+        r.add_argument("--seeds", default=None, help="comma-separated seeds overriding the recipe's")
+        r.add_argument("--resume", action="store_true", help="continue from each run's last checkpoint")
+        r.add_argument("--no-progress", action="store_true")
+        r.set_defaults(func=lambda a, k=kind: _cmd_run(a, k))
+
+    m = sub.add_parser("methods", help="list every method: family, paper, year, arXiv id, defaults")
+    m.add_argument("--family", default=None)
+    m.add_argument("--json", action="store_true", help="machine-readable output")
+    m.set_defaults(func=_cmd_methods)
+
+    c = sub.add_parser("compare", help="one table over run folders")
+    c.add_argument("runs", nargs="+", help="run folders, or folders holding run folders")
+    c.set_defaults(func=_cmd_compare)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/yellow]: the last epoch's checkpoint is kept; rerun with --resume")
+        return 130
+    except (ValueError, KeyError, TypeError, FileNotFoundError, RuntimeError) as e:
+        from distill.recipes import RecipeError
+
+        if isinstance(e, (RecipeError, FileNotFoundError, KeyError)) or type(e).__module__.startswith("distill"):
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+            from rich.markup import escape
+
+            err.print(f"[red]error:[/red] {escape(str(msg))}", highlight=False)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Data: embedded and IDX data sets as tensors, a fast in-memory loader, batched augmentation.
+
+Typical use::
+
+    from distill.data import get_dataset, InMemoryLoader, RandomCropPad
+
+    train = get_dataset("digits", split="train")
+    loader = train.loader(128, augment=RandomCropPad(1), seed=0)
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)  # the order of each epoch is a function of (seed, epoch)
+        for batch in loader:
+            ...
+"""
+
+from distill.data.augment import Augment, Compose, RandomCropPad, RandomHorizontalFlip
+from distill.data.loader import IndexedTensorDataset, InMemoryLoader
+from distill.data.sources import (
+    DigitsSplit,
+    IDXFormatError,
+    TensorData,
+    get_dataset,
+    list_datasets,
+    load_digits_split,
+    load_fashion_mnist,
+    load_mnist,
+    read_idx,
+)
+
+__all__ = [
+    "Augment",
+    "Compose",
+    "DigitsSplit",
+    "IDXFormatError",
+    "InMemoryLoader",
+    "IndexedTensorDataset",
+    "RandomCropPad",
+    "RandomHorizontalFlip",
+    "TensorData",
+    "get_dataset",
+    "list_datasets",
+    "load_digits_split",
+    "load_fashion_mnist",
+    "load_mnist",
+    "read_idx",
+]

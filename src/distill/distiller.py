@@ -1,0 +1,211 @@
+"""The Distiller: student, teacher source, taps and weighted methods in one ``nn.Module``."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from distill.batch import Batch, View, as_batch
+from distill.methods.base import Method, create_method
+from distill.taps import Taps, logits_of
+from distill.teachers import TeacherSource, as_teacher_source
+
+
+@dataclass
+class DistillOutput:
+    """What one Distiller step returns.
+
+    Attributes:
+        total: the weighted sum of the losses, a scalar with gradient.
+        parts: each loss name → its weighted value, detached (``float(out.parts["kd"])`` to log;
+            kept as tensors so a GPU loop need not synchronise every step).
+        student: the student's view: ``"logits"`` ``(B, K)`` and its taps.
+        teacher: the teacher's view, or ``None`` when no method needed the teacher.
+    """
+
+    total: Tensor
+    parts: dict[str, Tensor]
+    student: View
+    teacher: View | None
+
+
+LossSpec = float | int | Method | tuple[float, Method]
+
+
+def _build_methods(losses: Mapping[str, LossSpec]) -> dict[str, Method]:
+    methods: dict[str, Method] = {}
+    for name, spec in losses.items():
+        if isinstance(spec, Method):
+            methods[name] = spec
+        elif isinstance(spec, (int, float)) and not isinstance(spec, bool):
+            methods[name] = create_method(name, weight=float(spec))
+        elif (isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], (int, float))
+              and isinstance(spec[1], Method)):
+            spec[1].weight = float(spec[0])
+            methods[name] = spec[1]
+        else:
+            raise TypeError(
+                f"loss {name!r}: expected a weight (float), a Method, or (weight, Method); got {spec!r}"
+            )
+    return methods
+
+
+class Distiller(nn.Module):
+    """Student + teacher source + weighted distillation methods.
+
+    Args:
+        student: the model being trained; its output holds logits ``(B, K)``.
+        teacher: an ``nn.Module`` (frozen automatically), a list of modules (an ensemble),
+            a :class:`~distill.teachers.TeacherSource`, or ``None`` (teacher-free losses only).
+        losses: name → weight (a registered method built with its paper defaults), name →
+            ``Method`` instance (its ``weight`` attribute applies), or name → ``(weight, Method)``.
+            Default: ``{"ce": 1.0, "kd": 1.0}`` with a teacher, ``{"ce": 1.0}`` without.
+
+    Use it in your own loop (``out = d(batch); out.total.backward()``) or with
+    :func:`distill.fit`. Call :meth:`prepare` on one example batch before building the
+    optimizer when a method has shape-dependent parts (adapters); ``fit`` does this for you.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | list[nn.Module] | TeacherSource | None = None,
+        losses: Mapping[str, LossSpec] | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(student, nn.Module):
+            raise TypeError(f"student must be an nn.Module, got {type(student).__name__}")
+        self.student = student
+        self.teacher = as_teacher_source(teacher)
+        if losses is None:
+            losses = {"ce": 1.0, "kd": 1.0} if self.teacher is not None else {"ce": 1.0}
+        if not losses:
+            raise ValueError("losses is empty: give at least one loss, e.g. {'ce': 1.0, 'kd': 1.0}")
+        self.methods = nn.ModuleDict(_build_methods(losses))
+        needing = [n for n, m in self.methods.items() if m.needs_teacher]
+        if needing and self.teacher is None:
+            raise ValueError(f"losses {needing} need a teacher, but teacher is None")
+        student_paths = sorted({p for m in self.methods.values() for p in m.student_taps})
+        teacher_paths = sorted({p for m in self.methods.values() if m.needs_teacher for p in m.teacher_taps})
+        self._student_taps = Taps(student, student_paths, model_name="student") if student_paths else None
+        self._teacher_paths = teacher_paths
+        if self.teacher is not None:
+            self.teacher.require_taps(teacher_paths)
+        self._needs_teacher = bool(needing)
+        self.prepared = False
+        self.epoch: int | None = None
+        self._warned_warmup = False
+
+    # ----------------------------------------------------------------- set-up
+    def prepare(self, example: Any) -> Distiller:
+        """Build every method's shape-dependent parts from one example batch.
+
+        Runs the student (in eval mode, so BatchNorm statistics are untouched) and the teacher
+        once under ``no_grad``. Idempotent. Call it before creating the optimizer.
+        """
+        if self.prepared:
+            return self
+        device = next(self.student.parameters(), torch.empty(0)).device
+        batch = as_batch(example).to(device)
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            with torch.no_grad():
+                student_view = self._student_view(batch)
+                teacher_view = self.teacher(batch) if self._needs_teacher and self.teacher is not None else {}
+                for m in self.methods.values():
+                    m.prepare(student_view, teacher_view, batch)
+        finally:
+            self.student.train(was_training)
+        self.methods.to(device)  # adapters are created on the CPU: follow the student
+        self.prepared = True
+        return self
+
+    def set_epoch(self, epoch: int, total_epochs: int | None = None) -> None:
+        """Tell methods (warm-up, curricula) and the teacher source which epoch starts (0-based)."""
+        self.epoch = epoch
+        for m in self.methods.values():
+            m.on_epoch_start(epoch, total_epochs)
+        if self.teacher is not None:
+            self.teacher.on_epoch_start(epoch)
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """The student's and the methods' parameters: what the optimizer should see."""
+        seen: set[int] = set()
+        for module in (self.student, self.methods):
+            for p in module.parameters():
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    yield p
+
+    def trainable_state_dict(self) -> dict[str, Any]:
+        """State of the student and the methods (adapters, memory banks), without the frozen teacher."""
+        return {"student": self.student.state_dict(), "methods": self.methods.state_dict()}
+
+    def load_trainable_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.student.load_state_dict(state["student"])
+        self.methods.load_state_dict(state["methods"])
+
+    def attach(self) -> None:
+        """(Re)install this Distiller's teacher taps, e.g. after another Distiller shared the teacher."""
+        if self.teacher is not None:
+            self.teacher.require_taps(self._teacher_paths)
+
+    def detach_taps(self) -> None:
+        """Remove the student's tap hooks (the model runs hook-free afterwards)."""
+        if self._student_taps is not None:
+            self._student_taps.remove()
+            self._student_taps = None
+
+    # ----------------------------------------------------------------- step
+    def _student_view(self, batch: Batch) -> View:
+        if self._student_taps is None:
+            return {"logits": logits_of(self.student(batch.inputs))}
+        with self._student_taps.recording() as store:
+            logits = logits_of(self.student(batch.inputs))
+        return {"logits": logits, **store}
+
+    def forward(self, batch: Any) -> DistillOutput:
+        """One step's losses: the student's forward, the teacher's view, every weighted method."""
+        batch = as_batch(batch)
+        if not self.prepared:
+            if any(_has_lazy_parts(m) for m in self.methods.values()):
+                raise RuntimeError(
+                    "call distiller.prepare(example_batch) before training: methods "
+                    f"{[n for n, m in self.methods.items() if _has_lazy_parts(m)]} build adapters from the shapes "
+                    "of one batch, and the optimizer must see their parameters"
+                )
+            self.prepared = True
+        student_view = self._student_view(batch)
+        teacher_view = self.teacher(batch) if self._needs_teacher and self.teacher is not None else None
+        total: Tensor | None = None
+        parts: dict[str, Tensor] = {}
+        for name, method in self.methods.items():
+            if method.needs_targets and batch.targets is None:
+                raise ValueError(f"loss {name!r} needs targets, but the batch has none")
+            factor = method.weight * self._warmup_factor(method)
+            loss = method(student_view, teacher_view or {}, batch) * factor
+            parts[name] = loss.detach()
+            total = loss if total is None else total + loss
+        assert total is not None
+        return DistillOutput(total, parts, student_view, teacher_view)
+
+    def _warmup_factor(self, method: Method) -> float:
+        if method.warmup_epochs > 0 and self.epoch is None and not self._warned_warmup:
+            warnings.warn(
+                f"method {method.name!r} has a {method.warmup_epochs}-epoch weight warm-up, but "
+                "Distiller.set_epoch() was never called: the warm-up is skipped. Call "
+                "distiller.set_epoch(epoch) at each epoch start (distill.fit does).",
+                stacklevel=3,
+            )
+            self._warned_warmup = True
+        return method.weight_factor()
+
+
+def _has_lazy_parts(method: Method) -> bool:
+    return bool(getattr(method, "requires_prepare", False))

@@ -1,0 +1,12 @@
+"""Models: a timm-style registry and small CNN/MLP families with named tap points.
+
+    from distill.models import create, list_models
+    teacher = create("cnn_digits_teacher")
+    student = create("cnn", widths=(8, 16), num_classes=10)
+    teacher.tap_points  # ("stem", "stage1.pre", "stage1", ..., "pool", "fc")
+"""
+
+from distill.models.registry import UnknownModelError, create, create_model, list_models, register_model
+from distill.models.small import CNN, MLP  # importing registers the built-in models
+
+__all__ = ["CNN", "MLP", "UnknownModelError", "create", "create_model", "list_models", "register_model"]

@@ -1,0 +1,216 @@
+"""YAML recipes: a serialisation of the Python API, validated with pydantic before any work.
+
+A recipe names the data, the student, the teacher (a checkpoint, a model to train first, or an
+ensemble), the losses with their hyper-parameters and the training protocol. Every key is
+checked before anything runs: an unknown key, a wrong type, an unknown method or model, a
+method argument it does not take, or a tap path that is not in the model is one clear error
+naming the key.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+
+
+class RecipeError(ValueError):
+    """A recipe that does not validate; the message lists each bad key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelSpec(_Strict):
+    """A zoo model: ``name`` from ``distill.models.list_models()`` and its keyword arguments."""
+
+    name: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    checkpoint: str | None = None  # a file written by distill.train.checkpoint.save_model
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from distill.models import list_models
+
+        if v not in list_models():
+            import difflib
+
+            close = difflib.get_close_matches(v, list_models(), n=3)
+            raise ValueError(f"unknown model {v!r}" + (f"; did you mean {close}?" if close else "")
+                             + f"; known: {list_models()}")
+        return v
+
+
+class AugmentSpec(_Strict):
+    crop_padding: int = Field(0, ge=0)
+    flip: bool = False
+
+
+class DataSpec(_Strict):
+    name: Literal["digits", "mnist", "fashion_mnist"] = "digits"
+    root: str | None = None
+    batch_size: int = Field(64, gt=0)
+    eval_batch_size: int = Field(512, gt=0)
+    augment: AugmentSpec = Field(default_factory=AugmentSpec)
+    train_subset: int | None = Field(None, gt=0, description="use only the first N training samples")
+    val_split: str = "test"
+
+
+class TrainSpec(_Strict):
+    epochs: int = Field(gt=0)
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    nesterov: bool = False
+    schedule: Literal["multistep", "cosine", "onecycle", "constant"] = "multistep"
+    milestones: list[int] | None = None
+    gamma: float = Field(0.1, gt=0)
+    amp: bool | Literal["auto", "bf16", "fp16"] = "auto"
+    grad_clip: float | None = Field(None, gt=0)
+    deterministic: bool = False
+    device: str | None = None
+
+
+class HintStageSpec(_Strict):
+    """FitNets' stage 1: train up to the guided layer with the hint loss alone."""
+
+    method: str = "fitnet"
+    train: TrainSpec
+
+
+class TeacherSpec(_Strict):
+    """One teacher (``model``) or an ensemble (``ensemble``), each from a checkpoint or trained first."""
+
+    model: ModelSpec | None = None
+    ensemble: list[ModelSpec] | None = None
+    combine: Literal["probs", "logits"] = "probs"
+    temperature: float = Field(1.0, gt=0)
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    train: TrainSpec | None = None  # train missing checkpoints first with this protocol
+    label_smoothing: float = Field(0.0, ge=0, lt=1)  # used when the teacher is trained here
+
+    @model_validator(mode="after")
+    def _one(self) -> TeacherSpec:
+        if (self.model is None) == (self.ensemble is None):
+            raise ValueError("give exactly one of 'model' or 'ensemble'")
+        if self.ensemble is not None and len(self.ensemble) < 1:
+            raise ValueError("'ensemble' needs at least one model")
+        members = [self.model] if self.model is not None else list(self.ensemble or [])
+        if self.train is None and any(m.checkpoint is None for m in members):
+            raise ValueError("a teacher without 'checkpoint' needs 'train' (the protocol to train it first)")
+        return self
+
+    def members(self) -> list[ModelSpec]:
+        return [self.model] if self.model is not None else list(self.ensemble or [])
+
+
+class Recipe(_Strict):
+    """A whole run. ``kind: train`` trains ``student`` alone (e.g. a teacher) with ``losses``."""
+
+    name: str
+    kind: Literal["distill", "train"] = "distill"
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    data: DataSpec = Field(default_factory=DataSpec)
+    student: ModelSpec
+    teacher: TeacherSpec | None = None
+    losses: dict[str, float | dict[str, Any]] = Field(default_factory=lambda: {"ce": 1.0})
+    train: TrainSpec
+    hint_stage: HintStageSpec | None = None
+    output_dir: str = "runs"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        if self.kind == "train" and self.teacher is not None:
+            raise ValueError("kind 'train' trains one model without a teacher: remove 'teacher'")
+        if self.hint_stage is not None and self.hint_stage.method not in self.losses:
+            raise ValueError(f"hint_stage.method {self.hint_stage.method!r} is not one of the losses {list(self.losses)}")
+        return self
+
+
+def _method_arg_model(method: str) -> type[BaseModel]:
+    """A pydantic model of a method's keyword arguments, from its ``__init__`` signature."""
+    from distill.methods import method_info
+
+    info = method_info(method)
+    try:
+        hints = typing.get_type_hints(info.cls.__init__)
+    except Exception:  # unresolvable annotations: validate names only
+        hints = {}
+    fields: dict[str, Any] = {}
+    for name, p in inspect.signature(info.cls.__init__).parameters.items():
+        if name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        default = ... if p.default is inspect.Parameter.empty else p.default
+        fields[name] = (hints.get(name, Any), default)
+    return create_model(f"{method}_args", __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=True),
+                        **fields)
+
+
+def _format(e: ValidationError, prefix: str = "") -> list[str]:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-after", "tagged")))
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        got = f" (got {err['input']!r})" if err["type"] != "missing" and not isinstance(err["input"], dict) else ""
+        lines.append(f"  {prefix}{loc}: {msg}{got}")
+    return lines
+
+
+def validate_losses(losses: dict[str, float | dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each loss name must be registered and its arguments accepted; returns name → kwargs."""
+    from distill.methods import method_info
+
+    out: dict[str, dict[str, Any]] = {}
+    errors: list[str] = []
+    for name, spec in losses.items():
+        try:
+            method_info(name)
+        except KeyError as e:
+            errors.append(f"  losses.{name}: {e.args[0]}")
+            continue
+        kwargs = {"weight": float(spec)} if isinstance(spec, (int, float)) else dict(spec)
+        try:
+            validated = _method_arg_model(name).model_validate(kwargs)
+        except ValidationError as e:
+            errors.extend(_format(e, f"losses.{name}."))
+            continue
+        out[name] = {k: getattr(validated, k) for k in kwargs}
+    if errors:
+        raise RecipeError("invalid losses:\n" + "\n".join(errors))
+    return out
+
+
+def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
+    """Validate a recipe mapping; raises :class:`RecipeError` listing every bad key."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a mapping of keys, got {type(data).__name__}")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(f"{source} is invalid:\n" + "\n".join(_format(e))) from None
+    try:
+        validate_losses(recipe.losses)
+    except RecipeError as e:
+        raise RecipeError(f"{source}: {e}") from None
+    return recipe
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a YAML recipe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    return parse_recipe(data, str(path))

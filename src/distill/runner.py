@@ -1,0 +1,238 @@
+"""Run a validated :class:`~distill.recipes.Recipe`: data, models, teacher, Distiller, ``fit``, report."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from rich.console import Console
+from torch import nn
+
+from distill.recipes import DataSpec, ModelSpec, Recipe, TrainSpec, validate_losses
+
+console = Console(stderr=True)
+
+LS_NOTE = (
+    "teacher was trained with label smoothing (eps={eps}) and a loss uses temperature T={T} > 1: "
+    "Chandrasegaran et al. (ICML 2022, arXiv 2206.14532) show that distilling an LS-trained teacher "
+    "at a high temperature causes systematic diffusion in the student; T=1 is the compatible setting"
+)
+
+
+def build_data(spec: DataSpec, seed: int = 0) -> tuple[Any, Any, dict[str, Any]]:
+    """Train and evaluation loaders (in memory) for a data spec, and facts about the data."""
+    from distill.data import get_dataset
+    from distill.data.augment import Compose, RandomCropPad, RandomHorizontalFlip
+
+    train = get_dataset(spec.name, spec.root, split="train")
+    val = get_dataset(spec.name, spec.root, split=spec.val_split)
+    x, y = train.inputs, train.targets
+    if spec.train_subset is not None:
+        x, y = x[: spec.train_subset], y[: spec.train_subset]
+    augs: list[Any] = []
+    if spec.augment.crop_padding:
+        augs.append(RandomCropPad(spec.augment.crop_padding))
+    if spec.augment.flip:
+        augs.append(RandomHorizontalFlip())
+    from distill.data.loader import InMemoryLoader
+
+    train_loader = InMemoryLoader(x, y, spec.batch_size, shuffle=True, seed=seed,
+                                  augment=Compose(augs) if augs else None)
+    val_loader = InMemoryLoader(val.inputs, val.targets, spec.eval_batch_size, shuffle=False)
+    info = {"dataset": spec.name, "num_classes": train.num_classes, "in_channels": int(x.shape[1]),
+            "train_size": int(x.shape[0]), "val_size": len(val), "val_split": spec.val_split}
+    return train_loader, val_loader, info
+
+
+def build_model(spec: ModelSpec, num_classes: int, in_channels: int) -> nn.Module:
+    """A zoo model sized for the data (``num_classes``/``in_channels`` unless the spec sets them)."""
+    from distill.models import create
+
+    kwargs = {"num_classes": num_classes, "in_channels": in_channels, **spec.kwargs}
+    return create(spec.name, **kwargs)
+
+
+def _device(train: TrainSpec) -> torch.device:
+    if train.device:
+        return torch.device(train.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _fit_kwargs(t: TrainSpec) -> dict[str, Any]:
+    return dict(epochs=t.epochs, optimizer=t.optimizer, lr=t.lr, momentum=t.momentum,
+                weight_decay=t.weight_decay, nesterov=t.nesterov, schedule=t.schedule,
+                milestones=t.milestones, gamma=t.gamma, amp=t.amp, grad_clip=t.grad_clip,
+                deterministic=t.deterministic, device=_device(t))
+
+
+def train_model(model: nn.Module, spec: ModelSpec, train: TrainSpec, data: tuple[Any, Any, dict[str, Any]],
+                run_dir: Path, *, label_smoothing: float = 0.0, seed: int = 0, progress: bool = True,
+                resume: bool = False, on_epoch_end: Any = None) -> dict[str, Any]:
+    """Train one model with CE (or label smoothing) and save ``run_dir/model.pt`` with its metadata."""
+    from distill.distiller import Distiller
+    from distill.methods import create_method
+    from distill.train import fit
+    from distill.train.checkpoint import save_model
+
+    train_loader, val_loader, info = data
+    loss = create_method("label_smoothing", eps=label_smoothing) if label_smoothing > 0 else create_method("ce")
+    d = Distiller(model, None, losses={loss.name: loss})
+    t0 = time.perf_counter()
+    result = fit(d, train_loader, val_loader, run_dir=run_dir, seed=seed, progress=progress, resume=resume,
+                 on_epoch_end=on_epoch_end, **_fit_kwargs(train))
+    metadata = {"label_smoothing": label_smoothing, "val_acc": result.last_acc, "best_acc": result.best_acc,
+                "epochs": train.epochs, "dataset": info["dataset"], "seed": seed}
+    save_model(run_dir / "model.pt", model, name=spec.name,
+               kwargs={"num_classes": info["num_classes"], "in_channels": info["in_channels"], **spec.kwargs},
+               metadata=metadata)
+    summary = {"name": spec.name, "kind": "train", "group": spec.name, "losses": {loss.name: 1.0}, "seed": seed,
+               "epochs": train.epochs, "last_acc": result.last_acc, "best_acc": result.best_acc,
+               "best_epoch": result.best_epoch, "time_s": time.perf_counter() - t0,
+               "label_smoothing": label_smoothing}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _teacher_temperatures(losses: dict[str, dict[str, Any]]) -> list[float]:
+    from distill.methods import method_info
+
+    temps = []
+    for name, kw in losses.items():
+        defaults = method_info(name).defaults
+        for key in ("T", "temperature"):
+            if key in defaults:
+                temps.append(float(kw.get(key, defaults[key])))
+    return temps
+
+
+def ls_notes(metadata: dict[str, Any] | None, losses: dict[str, dict[str, Any]]) -> list[str]:
+    """Chandrasegaran et al.'s check: a label-smoothed teacher distilled at T > 1."""
+    eps = (metadata or {}).get("label_smoothing")
+    if eps is None:
+        return ["unknown whether the teacher was trained with label smoothing (no distill metadata)"]
+    hot = [T for T in _teacher_temperatures(losses) if T > 1]
+    if eps > 0 and hot:
+        return [LS_NOTE.format(eps=eps, T=max(hot))]
+    return []
+
+
+def run_recipe(recipe: Recipe, *, out_dir: str | Path | None = None, progress: bool = True,
+               resume: bool = False, seeds: list[int] | None = None) -> list[Path]:
+    """Run every seed of a recipe; returns the run folders (``OUT/NAME/seed<k>``).
+
+    Everything that can be checked is checked before any training: models are built, the
+    Distiller is constructed (tap paths resolved) and prepared on one batch (adapter shapes).
+    """
+    from distill.distiller import Distiller
+    from distill.methods import create_method
+    from distill.teachers import EnsembleTeacher, FrozenTeacher
+    from distill.train import fit, fit_hint_stage
+    from distill.train.checkpoint import load_model
+
+    losses = validate_losses(recipe.losses)
+    base = Path(out_dir or recipe.output_dir) / recipe.name
+    base.mkdir(parents=True, exist_ok=True)
+    (base / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    seeds = seeds or recipe.seeds
+    data = build_data(recipe.data, seed=seeds[0])
+    info = data[2]
+
+    # ---- build everything first: a bad tap path or shape fails before any training
+    def make_distiller(student: nn.Module, teacher: Any) -> Distiller:
+        methods = {n: create_method(n, **kw) for n, kw in losses.items()}
+        d = Distiller(student, teacher, losses=methods)
+        d.prepare(next(iter(data[0])))
+        return d
+
+    teacher_models: list[nn.Module] = []
+    metadata: dict[str, Any] | None = None
+    if recipe.teacher is not None:
+        for spec in recipe.teacher.members():
+            model = build_model(spec, info["num_classes"], info["in_channels"])
+            if spec.checkpoint is not None:
+                model, metadata = load_model(spec.checkpoint, model)
+            teacher_models.append(model)
+    # a throw-away Distiller on copies: freezing the real teacher now would stop its training below
+    probe_teacher = [copy.deepcopy(m) for m in teacher_models] or None
+    if probe_teacher is not None and len(probe_teacher) == 1:
+        probe_teacher = probe_teacher[0]
+    make_distiller(build_model(recipe.student, info["num_classes"], info["in_channels"]), probe_teacher)
+
+    if recipe.kind == "train":
+        dirs = []
+        for s in seeds:
+            eps = float(losses.get("label_smoothing", {}).get("eps", 0.1)) if "label_smoothing" in losses else 0.0
+            run_dir = base / f"seed{s}"
+            torch.manual_seed(s)
+            model = build_model(recipe.student, info["num_classes"], info["in_channels"])
+            train_model(model, recipe.student, recipe.train, build_data(recipe.data, s), run_dir,
+                        label_smoothing=eps, seed=s, progress=progress, resume=resume)
+            dirs.append(run_dir)
+        _report(base, dirs, recipe.name)
+        return dirs
+
+    # ---- train teachers that have no checkpoint
+    teacher: Any = None
+    if recipe.teacher is not None:
+        t = recipe.teacher
+        for i, spec in enumerate(t.members()):
+            if spec.checkpoint is not None:
+                continue
+            tdir = base / (f"teacher{i}" if len(t.members()) > 1 else "teacher")
+            if (tdir / "model.pt").is_file():
+                teacher_models[i], metadata = load_model(tdir / "model.pt", teacher_models[i])
+                console.print(f"[dim]reusing the trained teacher in {tdir}[/dim]")
+                continue
+            console.print(f"training teacher {spec.name} → {tdir}")
+            torch.manual_seed(seeds[0] + 1000 * (i + 1))
+            train_model(teacher_models[i], spec, t.train, data, tdir, label_smoothing=t.label_smoothing,
+                        seed=seeds[0] + i, progress=progress, resume=resume)
+            teacher_models[i], metadata = load_model(tdir / "model.pt", teacher_models[i])
+        dtype = getattr(torch, t.dtype) if t.dtype else None
+        if len(teacher_models) == 1:
+            teacher = FrozenTeacher(teacher_models[0], dtype=dtype, metadata=metadata)
+        else:
+            teacher = EnsembleTeacher(teacher_models, combine=t.combine, temperature=t.temperature)
+            metadata = {"label_smoothing": t.label_smoothing} if t.train is not None else None
+
+    dirs = []
+    for s in seeds:
+        run_dir = base / f"seed{s}"
+        train_loader, val_loader, _ = build_data(recipe.data, seed=s)
+        torch.manual_seed(s)
+        student = build_model(recipe.student, info["num_classes"], info["in_channels"])
+        d = make_distiller(student, teacher)
+        t0 = time.perf_counter()
+        if recipe.hint_stage is not None:
+            console.print(f"hint stage ({recipe.hint_stage.method}, {recipe.hint_stage.train.epochs} epochs)")
+            fit_hint_stage(d, train_loader, method=recipe.hint_stage.method, seed=s, progress=progress,
+                           run_dir=run_dir / "hint_stage", resume=resume, **_fit_kwargs(recipe.hint_stage.train))
+        result = fit(d, train_loader, val_loader, run_dir=run_dir, seed=s, progress=progress, resume=resume,
+                     **_fit_kwargs(recipe.train))
+        last = result.history[-1] if result.history else {}
+        summary = {
+            "name": recipe.name, "kind": "distill", "group": recipe.name, "losses": losses, "seed": s,
+            "epochs": recipe.train.epochs, "last_acc": result.last_acc, "best_acc": result.best_acc,
+            "best_epoch": result.best_epoch, "time_s": time.perf_counter() - t0,
+            "teacher_acc": last.get("val_teacher_acc"), "agreement": last.get("val_agreement"),
+            "kl_to_teacher": last.get("val_kl_to_teacher"),
+            "teacher_label_smoothing": (metadata or {}).get("label_smoothing"),
+            "data": info, "notes": ls_notes(metadata, losses) if teacher is not None else [],
+        }
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        dirs.append(run_dir)
+    _report(base, dirs, recipe.name)
+    return dirs
+
+
+def _report(base: Path, dirs: list[Path], title: str) -> None:
+    from distill.report import plot_runs, read_run, write_report
+
+    runs = [read_run(d) for d in dirs]
+    plot_runs(base, runs)
+    write_report(base, runs, title=title)

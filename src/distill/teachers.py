@@ -1,0 +1,211 @@
+"""Teacher sources: what turns a batch into the teacher's view ``{"logits": (B, K), tap: tensor, ...}``.
+
+A teacher source is an ``nn.Module`` with ``forward(batch) -> View``. This module has the
+frozen model and the ensemble; the cache, the EMA copy, peers and the student's own deeper exit
+plug into the same interface (:class:`TeacherSource`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from distill.batch import Batch, View
+from distill.taps import Taps, logits_of
+
+
+class TeacherSource(nn.Module):
+    """Base class of teacher sources.
+
+    Subclasses implement :meth:`forward`. ``supports_taps`` says whether :meth:`require_taps`
+    may ask for feature taps (a cache of logits cannot give features).
+    ``metadata`` carries what is known of how the teacher was trained (e.g. ``label_smoothing``),
+    which runs report (Chandrasegaran et al., ICML 2022, arXiv 2206.14532: a teacher trained
+    with label smoothing interacts with the KD temperature).
+    """
+
+    supports_taps: bool = False
+    kind: str = "teacher"
+    static: bool = False  # True when the same input always gives the same view (no EMA, no peers)
+
+    def __init__(self, metadata: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.metadata: dict[str, Any] = dict(metadata or {})
+
+    def require_taps(self, paths: Sequence[str]) -> None:
+        """Ask the source to return these taps in its view; sources without taps refuse any."""
+        if paths and not self.supports_taps:
+            raise ValueError(
+                f"the {self.kind} teacher source cannot provide feature taps {list(paths)}; "
+                "only methods that read the teacher's logits can use it"
+            )
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called at each epoch start (EMA or checkpoint-following sources use it)."""
+
+    def forward(self, batch: Batch) -> View:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Put a model in eval mode with every parameter's ``requires_grad`` off."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+class FrozenTeacher(TeacherSource):
+    """A trained model used as teacher: eval mode, no gradients, optionally another dtype/device.
+
+    Args:
+        model: the teacher network; its output is logits ``(B, K)`` (or has ``.logits``).
+        dtype: run the teacher in this dtype (e.g. ``torch.bfloat16``); its outputs are cast
+            back to float32.
+        device: keep the teacher on this device; inputs are moved there and outputs back.
+        metadata: what is known of its training, e.g. ``{"label_smoothing": 0.1}``.
+
+    The teacher stays in eval mode whatever ``.train()`` is called on an enclosing module, so
+    its BatchNorm statistics and dropout never change (a pitfall of some peer libraries).
+    """
+
+    supports_taps = True
+    kind = "frozen"
+    static = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(metadata or getattr(model, "distill_metadata", None))
+        self.model = freeze(model)
+        self.dtype = dtype
+        self.device = torch.device(device) if device is not None else None
+        self._pin()
+        self._taps: Taps | None = None
+
+    def _pin(self) -> None:
+        if self.dtype is not None or self.device is not None:
+            self.model.to(device=self.device, dtype=self.dtype)
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> FrozenTeacher:
+        super()._apply(fn, *args, **kwargs)
+        self._pin()  # an explicit dtype/device outlives .to() on the enclosing Distiller
+        return self
+
+    def train(self, mode: bool = True) -> FrozenTeacher:
+        self.training = mode
+        self.model.eval()
+        return self
+
+    def require_taps(self, paths: Sequence[str]) -> None:
+        if self._taps is not None:
+            self._taps.remove()
+            self._taps = None
+        if paths:
+            self._taps = Taps(self.model, paths, model_name="teacher")
+
+    def forward(self, batch: Batch) -> View:
+        x = batch.inputs
+        out_device = x.device
+        if self.device is not None:
+            x = x.to(self.device)
+        if self.dtype is not None and x.is_floating_point():
+            x = x.to(self.dtype)
+        with torch.no_grad():
+            if self._taps is None:
+                view: View = {"logits": logits_of(self.model(x))}
+            else:
+                with self._taps.recording() as store:
+                    logits = logits_of(self.model(x))
+                view = {"logits": logits, **store}
+        if self.dtype is not None or self.device is not None:
+            view = {k: v.to(device=out_device, dtype=torch.float32) if v.is_floating_point() else v.to(out_device)
+                    for k, v in view.items()}
+        return view
+
+
+class EnsembleTeacher(TeacherSource):
+    """Several frozen teachers combined into one target distribution.
+
+    Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", 2015, arXiv
+    1503.02531 (distilling an ensemble into one net); Zeng & Martinez, "Using a Neural Network
+    to Approximate an Ensemble of Classifiers", Neural Processing Letters 2000.
+
+    Args:
+        models: the members; each must output logits ``(B, K)`` with the same ``K``.
+        combine: ``"probs"``: arithmetic mean of the members' softened distributions,
+            ``p̄ = Σ_i w_i softmax(z_i / T)``; ``"logits"``: weighted mean of logits, which is the
+            normalised geometric mean of the members' distributions at any temperature.
+        temperature: ``T`` used for ``"probs"``. The view's logits are ``T · log p̄``, so that a
+            method applying ``softmax(logits / T)`` with the same ``T`` sees exactly ``p̄``.
+        weights: member weights (default uniform), normalised to sum to 1.
+
+    Feature taps are not combined (members' features need not match): the ensemble gives logits.
+    """
+
+    kind = "ensemble"
+    static = True
+
+    def __init__(
+        self,
+        models: Sequence[nn.Module],
+        *,
+        combine: str = "probs",
+        temperature: float = 1.0,
+        weights: Sequence[float] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(metadata)
+        if len(models) < 1:
+            raise ValueError("an ensemble needs at least one model")
+        if combine not in ("probs", "logits"):
+            raise ValueError(f"combine must be 'probs' or 'logits', got {combine!r}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        w = torch.ones(len(models)) if weights is None else torch.as_tensor(list(weights), dtype=torch.float32)
+        if w.shape != (len(models),) or bool((w < 0).any()) or float(w.sum()) <= 0:
+            raise ValueError(f"weights must be {len(models)} non-negative numbers with a positive sum, got {weights}")
+        self.members = nn.ModuleList(
+            m if isinstance(m, FrozenTeacher) else FrozenTeacher(m) for m in models
+        )
+        self.combine = combine
+        self.temperature = float(temperature)
+        self.register_buffer("weights", w / w.sum(), persistent=False)
+
+    def forward(self, batch: Batch) -> View:
+        logits = torch.stack([m(batch)["logits"] for m in self.members])  # (M, B, K)
+        w = self.weights.to(logits.dtype).view(-1, 1, 1)
+        if self.combine == "logits":
+            return {"logits": (w * logits).sum(0)}
+        T = self.temperature
+        mean_probs = (w * F.softmax(logits / T, dim=-1)).sum(0)
+        return {"logits": T * torch.log(mean_probs.clamp_min(torch.finfo(mean_probs.dtype).tiny))}
+
+
+def as_teacher_source(teacher: Any) -> TeacherSource | None:
+    """Accept a model, a list of models (an ensemble), a :class:`TeacherSource` or ``None``."""
+    if teacher is None or isinstance(teacher, TeacherSource):
+        return teacher
+    if isinstance(teacher, nn.Module):
+        return FrozenTeacher(teacher)
+    if isinstance(teacher, (list, tuple)) and all(isinstance(m, nn.Module) for m in teacher):
+        return EnsembleTeacher(teacher)
+    raise TypeError(
+        f"teacher must be an nn.Module, a list of nn.Modules or a TeacherSource, got {type(teacher).__name__}"
+    )
+
+
+def check_logits(view: View, who: str) -> Tensor:
+    logits = view.get("logits")
+    if not isinstance(logits, Tensor) or logits.dim() != 2:
+        shape = None if not isinstance(logits, Tensor) else tuple(logits.shape)
+        raise ValueError(f"{who} logits must be a (B, K) tensor, got shape {shape}")
+    return logits

@@ -1,0 +1,37 @@
+"""Multi-stage protocols that reuse ``fit``: FitNets' stage-1 hint training."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from distill.train.loop import FitResult, fit
+
+
+def fit_hint_stage(distiller: Any, train_loader: Iterable[Any], *, method: str = "fitnet",
+                   epochs: int, **fit_kwargs: Any) -> FitResult:
+    """FitNets stage 1 (Romero et al., ICLR 2015, arXiv 1412.6550): train the student up to its
+    guided layer, and the regressor, with the hint loss alone.
+
+    A temporary Distiller shares the student, the teacher and the hint method of ``distiller``
+    with only that loss: parameters above the guided layer get no gradient, and the optimizers
+    skip parameters without one, so only the layers the paper trains in stage 1 move.
+    Stage 2 is then an ordinary ``fit(distiller, ...)`` (KD, or the losses you chose).
+    """
+    from distill.distiller import Distiller
+
+    if method not in distiller.methods:
+        raise KeyError(f"the distiller has no loss named {method!r}; it has {list(distiller.methods)}")
+    hint = distiller.methods[method]
+    stage = Distiller(distiller.student, distiller.teacher, losses={method: hint})
+    if distiller.prepared:
+        stage.prepared = True
+    else:  # build the hint's adapter now, on the Distiller the stage-2 optimizer will read
+        distiller.prepare(next(iter(train_loader)))
+        stage.prepared = True
+    try:
+        result = fit(stage, train_loader, None, epochs=epochs, **fit_kwargs)
+    finally:
+        stage.detach_taps()
+        distiller.attach()
+    return result
