@@ -18,19 +18,32 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
     from distill.methods import list_methods
 
+    from distill.teachers import list_teacher_sources
+
     infos = list_methods(args.family)
+    sources = [s for s in list_teacher_sources() if s["papers"]] if args.family in (None, "teacher-source") else []
     if args.json:
-        print(json.dumps([{"name": i.name, "family": i.family, "title": i.paper.title, "authors": i.paper.authors,
-                           "year": i.paper.year, "arxiv": i.paper.arxiv, "venue": i.paper.venue,
-                           "defaults": i.defaults} for i in infos], indent=2, default=str))
+        rows = [{"name": i.name, "family": i.family, "title": i.paper.title, "authors": i.paper.authors,
+                 "year": i.paper.year, "arxiv": i.paper.arxiv, "venue": i.paper.venue,
+                 "defaults": i.defaults} for i in infos]
+        rows += [{"name": s["name"], "family": "teacher-source", "title": p.title, "authors": p.authors,
+                  "year": p.year, "arxiv": p.arxiv, "venue": p.venue, "defaults": s.get("defaults", {})}
+                 for s in sources for p in s["papers"]]
+        print(json.dumps(rows, indent=2, default=str))
         return 0
     table = Table(title=f"{len(infos)} methods", show_lines=False)
     for col in ("name", "family", "paper", "year", "arXiv", "defaults"):
-        table.add_column(col, overflow="fold")
+        whole = col in ("name", "family", "year", "arXiv")  # never split a name that users grep for
+        table.add_column(col, no_wrap=whole, overflow="fold")
     for i in infos:
         defaults = ", ".join(f"{k}={v!r}" for k, v in i.defaults.items())
         table.add_row(i.name, i.family, f"{i.paper.title} ({i.paper.authors})", str(i.paper.year),
                       i.paper.arxiv or "–", defaults)
+    for s in sources:
+        defaults = ", ".join(f"{k}={v!r}" for k, v in s.get("defaults", {}).items())
+        for p in s["papers"]:
+            table.add_row(s["name"], "teacher-source", f"{p.title} ({p.authors})", str(p.year), p.arxiv or "–",
+                          defaults)
     console.print(table)
     return 0
 
@@ -67,7 +80,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from distill.demo import run_demo
 
     run_demo(out_dir=args.out, seeds=args.seeds, epochs=args.epochs, methods=args.methods,
-             progress=not args.no_progress)
+             progress=not args.no_progress, threads=args.threads)
     return 0
 
 
@@ -82,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs", help="parent folder of the demo's run folder (default: runs)")
     demo.add_argument("--seeds", type=int, default=3, help="seeds per method (default: 3)")
     demo.add_argument("--epochs", type=int, default=None, help="student epochs (default: the demo's protocol)")
-    demo.add_argument("--methods", nargs="+", default=None, help="only these demo rows (e.g. scratch kd dkd)")
+    demo.add_argument("--methods", nargs="+", default=None, help="only these demo rows (e.g. scratch kd dkd; extra rows: fitnet at)")
+    demo.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the models are tiny)")
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(func=_cmd_demo)
 
@@ -117,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, KeyError, TypeError, FileNotFoundError, RuntimeError) as e:
         from distill.recipes import RecipeError
 
-        if isinstance(e, (RecipeError, FileNotFoundError, KeyError)) or type(e).__module__.startswith("distill"):
+        user_error = isinstance(e, (RecipeError, FileNotFoundError, KeyError, ValueError))
+        if user_error or type(e).__module__.startswith("distill"):
             msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
             from rich.markup import escape
 

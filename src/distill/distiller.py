@@ -98,6 +98,7 @@ class Distiller(nn.Module):
             self.teacher.require_taps(teacher_paths)
         self._needs_teacher = bool(needing)
         self.prepared = False
+        self.num_classes: int | None = None  # the student's output size, known after prepare()
         self.epoch: int | None = None
         self._warned_warmup = False
 
@@ -108,20 +109,23 @@ class Distiller(nn.Module):
         Runs the student (in eval mode, so BatchNorm statistics are untouched) and the teacher
         once under ``no_grad``. Idempotent. Call it before creating the optimizer.
         """
-        if self.prepared:
+        if self.prepared and self.num_classes is not None:
             return self
         device = next(self.student.parameters(), torch.empty(0)).device
         batch = as_batch(example).to(device)
-        was_training = self.student.training
+        modes = {m: m.training for m in self.student.modules()}  # restore per module: a user may freeze BN
         self.student.eval()
         try:
             with torch.no_grad():
                 student_view = self._student_view(batch)
-                teacher_view = self.teacher(batch) if self._needs_teacher and self.teacher is not None else {}
-                for m in self.methods.values():
-                    m.prepare(student_view, teacher_view, batch)
+                self.num_classes = int(student_view["logits"].shape[-1])
+                if not self.prepared:
+                    teacher_view = self.teacher(batch) if self._needs_teacher and self.teacher is not None else {}
+                    for m in self.methods.values():
+                        m.prepare(student_view, teacher_view, batch)
         finally:
-            self.student.train(was_training)
+            for m, mode in modes.items():
+                m.training = mode
         self.methods.to(device)  # adapters are created on the CPU: follow the student
         self.prepared = True
         return self

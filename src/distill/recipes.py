@@ -4,7 +4,7 @@ A recipe names the data, the student, the teacher (a checkpoint, a model to trai
 ensemble), the losses with their hyper-parameters and the training protocol. Every key is
 checked before anything runs: an unknown key, a wrong type, an unknown method or model, a
 method argument it does not take, or a tap path that is not in the model is one clear error
-naming the key.
+naming the key (tap paths are resolved on the built models, before any training).
 """
 
 from __future__ import annotations
@@ -95,6 +95,7 @@ class TeacherSpec(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     train: TrainSpec | None = None  # train missing checkpoints first with this protocol
     label_smoothing: float = Field(0.0, ge=0, lt=1)  # used when the teacher is trained here
+    train_subset: int | None = Field(None, gt=0)  # teachers trained here see the whole training split by default
 
     @model_validator(mode="after")
     def _one(self) -> TeacherSpec:
@@ -156,7 +157,7 @@ def _method_arg_model(method: str) -> type[BaseModel]:
 def _format(e: ValidationError, prefix: str = "") -> list[str]:
     lines = []
     for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-after", "tagged")))
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-after", "tagged"))) or "recipe"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"

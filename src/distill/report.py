@@ -252,15 +252,34 @@ def _table_cells(rows: Sequence[Row], baseline: str | None) -> tuple[list[str], 
     return headers, body
 
 
-def format_table(rows: Sequence[Row], *, baseline: str | None = None) -> Table:
-    """A rich table of ``rows``; with ``baseline``, a Δ column against that group's last accuracy."""
+def format_table(rows: Sequence[Row], *, baseline: str | None = None, full: bool | None = None) -> Table:
+    """A rich table of ``rows``; with ``baseline``, a Δ column against that group's last accuracy.
+
+    ``full``: include the best-epoch accuracy and the KL's std. By default only on a console
+    wider than 110 columns, so the table never wraps a cell on an 80-column terminal; the
+    markdown report always has every column.
+    """
+    from rich import box
+    from rich.console import Console
+
+    if full is None:
+        full = Console().width > 110
     headers, body = _table_cells(rows, baseline)
-    table = Table()
-    for i, header in enumerate(headers):
+    keep = list(range(len(headers)))
+    if not full:
+        keep = [i for i, h in enumerate(headers) if not h.startswith("acc best")]
+        kl = headers.index("KL to teacher")
+        body = [[c.split(" ± ")[0] if i == kl else c for i, c in enumerate(cells)] for cells in body]
+    short = {"acc last (%)": "acc (%)", "agreement (%)": "agree (%)", "KL to teacher": "KL", "time (s)": "s"}
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for i in keep:
+        header = headers[i] if full else short.get(headers[i], headers[i])
+        if not full and header.startswith("Δ vs"):
+            header = "Δ"
         # numbers right-aligned so decimals line up; the method name reads best left-aligned
-        table.add_column(header, justify="left" if i == 0 else "right", no_wrap=i == 0)
+        table.add_column(header, justify="left" if i == 0 else "right", no_wrap=True)
     for cells in body:
-        table.add_row(*cells)
+        table.add_row(*(cells[i] for i in keep))
     return table
 
 
@@ -470,26 +489,34 @@ def _natural_key(path: Path) -> list[Any]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
 
 
-def _child_runs(folder: Path) -> list[Path]:
-    """Direct subfolders of ``folder`` that are run folders, in natural name order."""
-    children = [p for p in folder.iterdir() if p.is_dir() and (p / SUMMARY_FILE).is_file()]
-    return sorted(children, key=_natural_key)
+def _is_run(path: Path) -> bool:
+    """A folder with a run's ``summary.json`` (a collection's summary, e.g. the demo's, is not one)."""
+    file = path / SUMMARY_FILE
+    if not file.is_file():
+        return False
+    try:
+        return json.loads(file.read_text()).get("kind") != "collection"
+    except (ValueError, AttributeError):
+        return True  # let read_run report the broken file
 
 
 def _find_runs(path: Path) -> list[Path]:
-    """Run folders at ``path``: itself, its direct subfolders, or else those one level deeper.
+    """Run folders at ``path``: itself, or its subfolders and theirs (two levels).
 
-    The second level covers a demo output folder whose runs live under ``runs/<group>-seed<k>/``.
+    Two levels cover a demo folder (``teacher0/``, ``runs/<group>-seed<k>/``) and a recipe's
+    output (``teacher/``, ``seed<k>/``).
     """
-    if (path / SUMMARY_FILE).is_file():
+    if _is_run(path):
         return [path]
     if not path.is_dir():
         return []
-    found = _child_runs(path)
-    if found:
-        return found
-    subfolders = sorted((p for p in path.iterdir() if p.is_dir()), key=_natural_key)
-    return [run for sub in subfolders for run in _child_runs(sub)]
+    found: list[Path] = []
+    for sub in sorted((p for p in path.iterdir() if p.is_dir()), key=_natural_key):
+        if _is_run(sub):
+            found.append(sub)
+        else:
+            found.extend(p for p in sorted(sub.iterdir(), key=_natural_key) if p.is_dir() and _is_run(p))
+    return found
 
 
 def compare(

@@ -149,19 +149,24 @@ def run_recipe(recipe: Recipe, *, out_dir: str | Path | None = None, progress: b
         d.prepare(next(iter(data[0])))
         return d
 
+    members = recipe.teacher.members() if recipe.teacher is not None else []
     teacher_models: list[nn.Module] = []
-    metadata: dict[str, Any] | None = None
-    if recipe.teacher is not None:
-        for spec in recipe.teacher.members():
-            model = build_model(spec, info["num_classes"], info["in_channels"])
-            if spec.checkpoint is not None:
-                model, metadata = load_model(spec.checkpoint, model)
-            teacher_models.append(model)
+    member_metadata: list[dict[str, Any] | None] = []
+    for i, spec in enumerate(members):
+        torch.manual_seed(seeds[0] + 1000 * (i + 1))  # in-run teachers start from the same weights every run
+        model = build_model(spec, info["num_classes"], info["in_channels"])
+        meta = None
+        if spec.checkpoint is not None:
+            model, meta = load_model(spec.checkpoint, model)
+        teacher_models.append(model)
+        member_metadata.append(meta)
     # a throw-away Distiller on copies: freezing the real teacher now would stop its training below
-    probe_teacher = [copy.deepcopy(m) for m in teacher_models] or None
+    probe_teacher: Any = [copy.deepcopy(m) for m in teacher_models] or None
     if probe_teacher is not None and len(probe_teacher) == 1:
         probe_teacher = probe_teacher[0]
-    make_distiller(build_model(recipe.student, info["num_classes"], info["in_channels"]), probe_teacher)
+    probe_student = build_model(recipe.student, info["num_classes"], info["in_channels"])
+    _check_taps(losses, probe_student, probe_teacher)
+    make_distiller(probe_student, probe_teacher)
 
     if recipe.kind == "train":
         dirs = []
@@ -176,29 +181,37 @@ def run_recipe(recipe: Recipe, *, out_dir: str | Path | None = None, progress: b
         _report(base, dirs, recipe.name)
         return dirs
 
-    # ---- train teachers that have no checkpoint
+    # ---- train teachers that have no checkpoint, on the whole training split unless told otherwise
     teacher: Any = None
+    metadata: dict[str, Any] | None = None
     if recipe.teacher is not None:
         t = recipe.teacher
-        for i, spec in enumerate(t.members()):
+        teacher_data = build_data(recipe.data.model_copy(update={"train_subset": t.train_subset}), seed=seeds[0])
+        for i, spec in enumerate(members):
             if spec.checkpoint is not None:
                 continue
-            tdir = base / (f"teacher{i}" if len(t.members()) > 1 else "teacher")
-            if (tdir / "model.pt").is_file():
-                teacher_models[i], metadata = load_model(tdir / "model.pt", teacher_models[i])
+            tdir = base / (f"teacher{i}" if len(members) > 1 else "teacher")
+            fingerprint = {"model": spec.model_dump(mode="json"), "train": t.train.model_dump(mode="json") if t.train
+                           else None, "label_smoothing": t.label_smoothing, "train_subset": t.train_subset,
+                           "data": recipe.data.model_dump(mode="json", exclude={"train_subset"}), "member": i}
+            spec_file = tdir / "teacher_spec.json"
+            if (tdir / "model.pt").is_file() and spec_file.is_file() and json.loads(spec_file.read_text()) == fingerprint:
+                teacher_models[i], member_metadata[i] = load_model(tdir / "model.pt", teacher_models[i])
                 console.print(f"[dim]reusing the trained teacher in {tdir}[/dim]")
                 continue
+            if (tdir / "model.pt").is_file():
+                console.print(f"[yellow]the teacher settings changed since {tdir} was trained: retraining[/yellow]")
             console.print(f"training teacher {spec.name} → {tdir}")
-            torch.manual_seed(seeds[0] + 1000 * (i + 1))
-            train_model(teacher_models[i], spec, t.train, data, tdir, label_smoothing=t.label_smoothing,
-                        seed=seeds[0] + i, progress=progress, resume=resume)
-            teacher_models[i], metadata = load_model(tdir / "model.pt", teacher_models[i])
+            train_model(teacher_models[i], spec, t.train, teacher_data, tdir,  # type: ignore[arg-type]
+                        label_smoothing=t.label_smoothing, seed=seeds[0] + i, progress=progress, resume=resume)
+            spec_file.write_text(json.dumps(fingerprint, indent=2))
+            teacher_models[i], member_metadata[i] = load_model(tdir / "model.pt", teacher_models[i])
         dtype = getattr(torch, t.dtype) if t.dtype else None
+        metadata = _combine_metadata(member_metadata)
         if len(teacher_models) == 1:
             teacher = FrozenTeacher(teacher_models[0], dtype=dtype, metadata=metadata)
         else:
-            teacher = EnsembleTeacher(teacher_models, combine=t.combine, temperature=t.temperature)
-            metadata = {"label_smoothing": t.label_smoothing} if t.train is not None else None
+            teacher = EnsembleTeacher(teacher_models, combine=t.combine, temperature=t.temperature, metadata=metadata)
 
     dirs = []
     for s in seeds:
@@ -228,6 +241,36 @@ def run_recipe(recipe: Recipe, *, out_dir: str | Path | None = None, progress: b
         dirs.append(run_dir)
     _report(base, dirs, recipe.name)
     return dirs
+
+
+def _combine_metadata(members: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """One teacher's metadata, or an ensemble's: label smoothing known only if known for every member."""
+    if not members or any(m is None or m.get("label_smoothing") is None for m in members):
+        return None if len(members) != 1 else members[0]
+    return {"label_smoothing": max(float(m["label_smoothing"]) for m in members if m is not None),
+            "members": members}
+
+
+def _check_taps(losses: dict[str, dict[str, Any]], student: nn.Module, teacher: Any) -> None:
+    """Resolve every method's tap paths, naming the recipe key of a bad one."""
+    from distill.methods import create_method
+    from distill.recipes import RecipeError
+    from distill.taps import TapError, resolve
+
+    models = teacher if isinstance(teacher, list) else [teacher] if teacher is not None else []
+    for name, kw in losses.items():
+        method = create_method(name, **kw)
+        for path in method.student_taps:
+            try:
+                resolve(student, path, model_name="student")
+            except TapError as e:
+                raise RecipeError(f"losses.{name}: {e}") from None
+        if method.needs_teacher and len(models) == 1:
+            for path in method.teacher_taps:
+                try:
+                    resolve(models[0], path, model_name="teacher")
+                except TapError as e:
+                    raise RecipeError(f"losses.{name}: {e}") from None
 
 
 def _report(base: Path, dirs: list[Path], title: str) -> None:

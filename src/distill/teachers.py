@@ -7,6 +7,7 @@ plug into the same interface (:class:`TeacherSource`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -168,10 +169,11 @@ class EnsembleTeacher(TeacherSource):
             raise ValueError("an ensemble needs at least one model")
         if combine not in ("probs", "logits"):
             raise ValueError(f"combine must be 'probs' or 'logits', got {combine!r}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not math.isfinite(temperature) or temperature <= 0:
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
         w = torch.ones(len(models)) if weights is None else torch.as_tensor(list(weights), dtype=torch.float32)
-        if w.shape != (len(models),) or bool((w < 0).any()) or float(w.sum()) <= 0:
+        if (w.shape != (len(models),) or not bool(torch.isfinite(w).all()) or bool((w < 0).any())
+                or float(w.sum()) <= 0):
             raise ValueError(f"weights must be {len(models)} non-negative numbers with a positive sum, got {weights}")
         self.members = nn.ModuleList(
             m if isinstance(m, FrozenTeacher) else FrozenTeacher(m) for m in models
@@ -209,3 +211,18 @@ def check_logits(view: View, who: str) -> Tensor:
         shape = None if not isinstance(logits, Tensor) else tuple(logits.shape)
         raise ValueError(f"{who} logits must be a (B, K) tensor, got shape {shape}")
     return logits
+
+
+def list_teacher_sources() -> list[dict[str, Any]]:
+    """Teacher sources with the papers they implement, for ``distill methods``."""
+    from distill.methods.base import Paper
+
+    return [
+        {"name": "frozen", "cls": FrozenTeacher, "papers": [], "summary": "one trained model, frozen in eval mode"},
+        {"name": "ensemble", "cls": EnsembleTeacher, "summary": "mean of members' probabilities or logits",
+         "papers": [Paper("Distilling the Knowledge in a Neural Network", "G. Hinton, O. Vinyals, J. Dean", 2015,
+                          "1503.02531"),
+                    Paper("Using a Neural Network to Approximate an Ensemble of Classifiers",
+                          "X. Zeng, T. R. Martinez", 2000, None, "Neural Processing Letters")],
+         "defaults": {"combine": "probs", "temperature": 1.0, "weights": None}},
+    ]

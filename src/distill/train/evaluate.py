@@ -27,7 +27,7 @@ def evaluate(distiller: Any, loader: Iterable[Any], device: torch.device | str |
     """
     student = distiller.student
     teacher = distiller.teacher if with_teacher else None
-    was_training = student.training
+    modes = {m: m.training for m in student.modules()}  # restored per module (a frozen BN stays frozen)
     student.eval()
     n = correct_s = correct_t = agree = 0
     kl_sum = 0.0
@@ -55,7 +55,8 @@ def evaluate(distiller: Any, loader: Iterable[Any], device: torch.device | str |
                 kl_sum += float(F.kl_div(F.log_softmax(s_logits, 1), F.log_softmax(t_logits, 1),
                                          reduction="sum", log_target=True))
     finally:
-        student.train(was_training)
+        for m, mode in modes.items():
+            m.training = mode
     if n == 0:
         raise ValueError("evaluation loader yielded no samples")
     out = {"student_acc": 100.0 * correct_s / n}

@@ -146,20 +146,36 @@ def fit(
     """
     if not isinstance(epochs, int) or epochs <= 0:
         raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
     if grad_clip is not None and grad_clip <= 0:
         raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip}")
+    previous_determinism = torch.are_deterministic_algorithms_enabled()
     seed_everything(seed, deterministic)
+    try:
+        return _fit(distiller, train_loader, val_loader, epochs=epochs, optimizer=optimizer, lr=lr,
+                    momentum=momentum, weight_decay=weight_decay, nesterov=nesterov, schedule=schedule,
+                    milestones=milestones, gamma=gamma, amp=amp, grad_clip=grad_clip, device=device,
+                    run_dir=run_dir, resume=resume, progress=progress, eval_teacher=eval_teacher,
+                    on_epoch_end=on_epoch_end, checkpoint_every=checkpoint_every)
+    finally:
+        if deterministic and not previous_determinism:
+            torch.use_deterministic_algorithms(False)  # the mode was this run's, not the process's
+
+
+def _fit(distiller: Any, train_loader: Iterable[Any], val_loader: Iterable[Any] | None, *, epochs: int,
+         optimizer: str, lr: float, momentum: float, weight_decay: float, nesterov: bool, schedule: str,
+         milestones: Sequence[int] | None, gamma: float, amp: bool | str, grad_clip: float | None,
+         device: str | torch.device | None, run_dir: str | Path | None, resume: bool | str | Path,
+         progress: bool, eval_teacher: bool, on_epoch_end: Callable[[dict[str, Any]], None] | None,
+         checkpoint_every: int) -> FitResult:
     device = torch.device(device) if device is not None else next(distiller.student.parameters()).device
     distiller.to(device)
     run_path = Path(run_dir) if run_dir is not None else None
 
     example = _first_batch(train_loader).to(device)
     distiller.prepare(example)
-    with torch.no_grad():
-        was = distiller.student.training
-        distiller.student.eval()
-        num_classes = int(distiller._student_view(example)["logits"].shape[1])
-        distiller.student.train(was)
+    num_classes = distiller.num_classes
     all_targets = getattr(train_loader, "targets", None)
     if isinstance(all_targets, torch.Tensor):
         _check_labels(all_targets, num_classes, "the training set")
@@ -252,12 +268,13 @@ def fit(
                     sums[k] = sums[k] + v if k in sums else v.clone()
                 n_steps += 1
                 bar.advance(float(out.total) if bar.wants_loss(step) else None)
+            epoch_lr = opt.param_groups[0]["lr"]  # the rate the epoch trained at (its last step's)
             sched.step_epoch()
             if n_steps == 0:
                 raise ValueError("the training loader yielded no batch")
             row: dict[str, Any] = {
                 "epoch": epoch,
-                "lr": opt.param_groups[0]["lr"],
+                "lr": epoch_lr,
                 "train_loss": float(total_sum) / n_steps,
                 **{f"train_{k}": float(v) / n_steps for k, v in sums.items()},
             }

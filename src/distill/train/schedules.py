@@ -56,7 +56,10 @@ class Schedule:
         self.name = name
         total = max(1, epochs * steps_per_epoch)
         if name == "multistep":
-            ms = list(milestones) if milestones is not None else [int(epochs * 0.5), int(epochs * 0.75)]
+            # default: decay at 50% and 75% of the run; de-duplicated, since MultiStepLR applies a
+            # milestone listed twice twice, and dropped when a short run rounds it to epoch 0
+            ms = list(milestones) if milestones is not None else \
+                sorted({m for m in (int(epochs * 0.5), int(epochs * 0.75)) if m >= 1})
             bad = [m for m in ms if not 0 < m <= epochs]
             if bad:
                 raise ValueError(f"milestones {bad} lie outside 1..{epochs} (epochs)")
