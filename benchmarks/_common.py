@@ -13,17 +13,23 @@ from pathlib import Path
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
 
-def time_interleaved(fns: dict[str, Callable[[], None]], *, steps: int, reps: int, warmup: int = 3) -> dict[str, float]:
-    """Median seconds per call of each function, measured round-robin so drift hits all alike."""
+def time_interleaved(fns: dict[str, Callable[[], None]], *, steps: int, reps: int, warmup: int = 3,
+                     sync: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """Median seconds per call of each function, measured round-robin so drift hits all alike.
+
+    ``sync`` waits for queued device work (``torch.cuda.synchronize``) before each clock read.
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
+    sync()
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
         for name, fn in fns.items():
             t0 = time.perf_counter()
             for _ in range(steps):
                 fn()
+            sync()
             samples[name].append((time.perf_counter() - t0) / steps)
     return {k: statistics.median(v) for k, v in samples.items()}
 

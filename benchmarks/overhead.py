@@ -8,7 +8,7 @@ Measures, on MNIST-sized data (1x28x28, batch 128) with a ~1.2M-parameter teache
 and prints (3) / ((1) + (2)): what the library adds around the work that cannot be avoided.
 Target: <= 1.03.
 
-    python benchmarks/overhead.py [--reps 60] [--steps 1] [--threads N] [--write-docs]
+    python benchmarks/overhead.py [--reps 200] [--steps 1] [--threads N] [--write-docs]
 
 Each repetition calls every function in turn (``--steps`` calls each), so slow drifts of a
 noisy machine hit all of them alike; the medians over repetitions are compared.
@@ -47,19 +47,22 @@ def load_batch(batch_size: int) -> tuple[torch.Tensor, torch.Tensor, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--reps", type=int, default=60)
+    ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--write-docs", action="store_true", help="record command and output in docs/benchmarks.md")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    device = torch.device(args.device)
     x, y, source = load_batch(args.batch_size)
+    x, y = x.to(device), y.to(device)
 
-    teacher = create("cnn_teacher_mnist").eval().requires_grad_(False)
-    student_plain = create("cnn_student_mnist")
-    student_kd = create("cnn_student_mnist")
+    teacher = create("cnn_teacher_mnist").to(device).eval().requires_grad_(False)
+    student_plain = create("cnn_student_mnist").to(device)
+    student_kd = create("cnn_student_mnist").to(device)
     student_kd.load_state_dict(student_plain.state_dict())
     opt_plain = torch.optim.SGD(student_plain.parameters(), lr=0.01, momentum=0.9)
     d = distill.Distiller(student_kd, teacher, losses={"ce": 1.0, "kd": distill.methods.KD(T=4.0)})
@@ -77,7 +80,7 @@ def main() -> None:
         with torch.no_grad():
             teacher(x)
 
-    student_hand = create("cnn_student_mnist")
+    student_hand = create("cnn_student_mnist").to(device)
     student_hand.load_state_dict(student_plain.state_dict())
     opt_hand = torch.optim.SGD(student_hand.parameters(), lr=0.01, momentum=0.9)
 
@@ -101,14 +104,17 @@ def main() -> None:
         opt_kd.step()
 
     t = time_interleaved({"student": student_step, "teacher": teacher_forward, "hand": hand_kd_step, "kd": kd_step},
-                         steps=args.steps, reps=args.reps)
+                         steps=args.steps, reps=args.reps,
+                         sync=torch.cuda.synchronize if device.type == "cuda" else lambda: None)
     n_t = sum(p.numel() for p in teacher.parameters())
     n_s = sum(p.numel() for p in student_plain.parameters())
     buf = io.StringIO()
     with redirect_stdout(buf):
         print(f"data: {source}, batch {args.batch_size}; teacher cnn_teacher_mnist {n_t:,} params, "
               f"student cnn_student_mnist {n_s:,} params")
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; "
+        where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+            f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+        print(f"torch {torch.__version__}, {where}; "
               f"median of {args.reps} reps x {args.steps} steps, interleaved")
         print(f"student train step      {t['student'] * 1e3:8.2f} ms")
         print(f"teacher forward         {t['teacher'] * 1e3:8.2f} ms")

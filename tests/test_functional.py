@@ -450,3 +450,11 @@ def test_at_gradient_finite_at_equality():
     loss = DF.at_loss([DF.attention_map(f)], [DF.attention_map(f.detach())])
     loss.backward()
     assert torch.isfinite(f.grad).all()
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.floats(0.5, 8.0))
+def test_fused_kd_loss_equals_the_mean_of_per_sample_terms(seed: int, T: float) -> None:
+    g = torch.Generator().manual_seed(seed)
+    s, t = torch.randn(5, 7, generator=g, dtype=torch.float64) * 3, torch.randn(5, 7, generator=g, dtype=torch.float64) * 3
+    assert DF.kd_loss(s, t, T).item() == pytest.approx(DF.kd_per_sample(s, t, T).mean().item(), rel=1e-10, abs=1e-12)

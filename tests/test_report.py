@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import io
 import json
 import math
 from pathlib import Path
@@ -198,11 +199,26 @@ def test_missing_baseline_group_shows_dash(demo_dir: Path) -> None:
 
 
 def test_format_table_is_rich_table(demo_dir: Path) -> None:
-    table = format_table(aggregate(all_runs(demo_dir)), baseline="scratch")
+    table = format_table(aggregate(all_runs(demo_dir)), baseline="scratch", full=True)
     assert isinstance(table, Table)
     assert table.row_count == 2
     text = render(table)
     assert "92.00 ± 2.00" in text and "+3.00" in text and "(baseline)" in text
+    assert "acc best" in text and "0.400 ± 0.100" in text
+
+
+def test_compact_table_fits_an_80_column_terminal(demo_dir: Path) -> None:
+    from rich.console import Console
+
+    table = format_table(aggregate(all_runs(demo_dir)), baseline="scratch", full=False)
+    console = Console(width=80, record=True, file=io.StringIO())
+    console.print(table)
+    lines = console.export_text().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    text = "\n".join(lines)
+    assert "…" not in text  # no cell truncated
+    assert "92.00 ± 2.00" in text and "+3.00" in text and "base" in text
+    assert "acc best" not in text  # the best-epoch column stays in report.md
 
 
 # --------------------------------------------------------------------------- report and plot

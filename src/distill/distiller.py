@@ -195,7 +195,9 @@ class Distiller(nn.Module):
             if method.needs_targets and batch.targets is None:
                 raise ValueError(f"loss {name!r} needs targets, but the batch has none")
             factor = method.weight * self._warmup_factor(method)
-            loss = method(student_view, teacher_view or {}, batch) * factor
+            loss = method(student_view, teacher_view or {}, batch)
+            if factor != 1.0:  # skip a kernel (and its backward) per loss when there is nothing to scale
+                loss = loss * factor
             parts[name] = loss.detach()
             total = loss if total is None else total + loss
         assert total is not None

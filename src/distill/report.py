@@ -270,7 +270,10 @@ def format_table(rows: Sequence[Row], *, baseline: str | None = None, full: bool
         keep = [i for i, h in enumerate(headers) if not h.startswith("acc best")]
         kl = headers.index("KL to teacher")
         body = [[c.split(" ± ")[0] if i == kl else c for i, c in enumerate(cells)] for cells in body]
-    short = {"acc last (%)": "acc (%)", "agreement (%)": "agree (%)", "KL to teacher": "KL", "time (s)": "s"}
+    short = {"seeds": "n", "acc last (%)": "acc (%)", "agreement (%)": "agree (%)", "KL to teacher": "KL",
+             "time (s)": "s"}
+    if not full:
+        body = [[c.replace("(baseline)", "base") for c in cells] for cells in body]
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     for i in keep:
         header = headers[i] if full else short.get(headers[i], headers[i])
