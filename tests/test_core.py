@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import distill
 from distill import Distiller, EnsembleTeacher, FrozenTeacher
 from distill.adapters import ShapeMismatchError, build_adapter, match_spatial
 from distill.batch import Batch
@@ -560,3 +561,46 @@ def test_gradients_reach_student_and_adapters_never_teacher():
     for name, p in teacher.named_parameters():
         assert p.grad is None, name
         assert not p.requires_grad, name
+
+
+def test_step_end_reaches_a_stateful_teacher_source_and_methods() -> None:
+    """The hook later EMA teachers and memory-bank methods plug into: called once per optimizer step."""
+    from distill.batch import Batch
+    from distill.methods.base import Method
+    from distill.teachers import TeacherSource
+
+    class CountingSource(TeacherSource):
+        def __init__(self, model: nn.Module) -> None:
+            super().__init__()
+            self.model = model
+            self.steps = 0
+            self.seen: nn.Module | None = None
+
+        def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+            with torch.no_grad():
+                return {"logits": self.model(batch.inputs)}
+
+        def on_step_end(self, student: nn.Module) -> None:
+            self.steps += 1
+            self.seen = student
+
+    class CountingKD(Method):
+        def __init__(self) -> None:
+            super().__init__()
+            self.steps = 0
+
+        def forward(self, s, t, batch):  # type: ignore[no-untyped-def]
+            return (s["logits"] - t["logits"]).pow(2).mean()
+
+        def on_step_end(self) -> None:
+            self.steps += 1
+
+    student, teacher = nn.Linear(4, 3), nn.Linear(4, 3)
+    source, method = CountingSource(teacher), CountingKD()
+    d = Distiller(student, source, losses={"ce": 1.0, "mse": method})
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    loader = [(x, y), (x, y), (x, y)]
+    distill.fit(d, loader, epochs=2, progress=False, schedule="constant")
+    assert source.steps == 6 and method.steps == 6 and source.seen is student
+    plain = Distiller(nn.Linear(4, 3), nn.Linear(4, 3))
+    assert not plain._has_step_hooks  # no per-step calls when nothing listens

@@ -97,6 +97,9 @@ class Distiller(nn.Module):
         if self.teacher is not None:
             self.teacher.require_taps(teacher_paths)
         self._needs_teacher = bool(needing)
+        # skip the per-step Python calls when no part overrides the hooks (most runs)
+        self._has_step_hooks = any(type(m).on_step_end is not Method.on_step_end for m in self.methods.values()) \
+            or (self.teacher is not None and type(self.teacher).on_step_end is not TeacherSource.on_step_end)
         self.prepared = False
         self.num_classes: int | None = None  # the student's output size, known after prepare()
         self.epoch: int | None = None
@@ -137,6 +140,15 @@ class Distiller(nn.Module):
             m.on_epoch_start(epoch, total_epochs)
         if self.teacher is not None:
             self.teacher.on_epoch_start(epoch)
+
+    def step_end(self) -> None:
+        """Call after each ``optimizer.step()`` in your own loop (``fit`` does): lets stateful
+        teacher sources (EMA) and methods (memory banks) update from the new weights."""
+        if self._has_step_hooks:
+            for m in self.methods.values():
+                m.on_step_end()
+            if self.teacher is not None:
+                self.teacher.on_step_end(self.student)
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """The student's and the methods' parameters: what the optimizer should see."""

@@ -48,6 +48,9 @@ class TeacherSource(nn.Module):
     def on_epoch_start(self, epoch: int) -> None:
         """Called at each epoch start (EMA or checkpoint-following sources use it)."""
 
+    def on_step_end(self, student: nn.Module) -> None:
+        """Called after each optimizer step with the updated student (an EMA teacher updates here)."""
+
     def forward(self, batch: Batch) -> View:  # pragma: no cover - abstract
         raise NotImplementedError
 

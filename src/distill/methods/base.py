@@ -85,6 +85,9 @@ class Method(nn.Module):
         self.epoch = epoch
         self.total_epochs = total_epochs
 
+    def on_step_end(self) -> None:
+        """Called after each optimizer step (momentum updates of memory banks go here)."""
+
     def weight_factor(self) -> float:
         """The warm-up factor for the current epoch (1.0 when no warm-up or epoch unknown)."""
         if self.warmup_epochs <= 0 or self.epoch is None:

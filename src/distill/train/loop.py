@@ -262,6 +262,7 @@ def _fit(distiller: Any, train_loader: Iterable[Any], val_loader: Iterable[Any] 
                     if grad_clip is not None:
                         torch.nn.utils.clip_grad_norm_(list(distiller.trainable_parameters()), grad_clip)
                     opt.step()
+                distiller.step_end()
                 sched.step_batch()
                 total_sum += out.total.detach()
                 for k, v in out.parts.items():
