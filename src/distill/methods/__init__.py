@@ -14,14 +14,16 @@ from distill.methods.base import (
     method_info,
     register,
 )
-from distill.methods import features, logits  # noqa: E402  (importing registers the methods)
+from distill.methods import features, logits, relations  # noqa: E402  (importing registers the methods)
 from distill.methods.features import AT, FitNet
+from distill.methods.relations import CC, FSP, ICKD, NST, PKT, RKD, SP
 from distill.methods.logits import CTKD, DIST, DKD, KD, SKD, CrossEntropy, LabelSmoothing, LogitRegression, NoisyTeacher
 
 __all__ = [
     "base",
     "logits",
     "features",
+    "relations",
     "Method",
     "MethodInfo",
     "Paper",
@@ -40,4 +42,11 @@ __all__ = [
     "CTKD",
     "FitNet",
     "AT",
+    "SP",
+    "RKD",
+    "PKT",
+    "CC",
+    "NST",
+    "FSP",
+    "ICKD",
 ]
