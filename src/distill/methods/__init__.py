@@ -1,10 +1,13 @@
 """Distillation methods: each a small ``nn.Module`` registered with its paper and defaults.
 
-Importing this package registers every method; use :func:`list_methods`, :func:`method_info`
-and :func:`create_method` to browse and build them.
+Importing this package imports every module in it, which registers every method; use
+:func:`list_methods`, :func:`method_info` and :func:`create_method` to browse and build them.
+Each registered class is also importable from here (``distill.methods.KD``).
 """
 
-from distill.methods import base
+import importlib as _importlib
+import pkgutil as _pkgutil
+
 from distill.methods.base import (
     Method,
     MethodInfo,
@@ -14,39 +17,14 @@ from distill.methods.base import (
     method_info,
     register,
 )
-from distill.methods import features, logits, relations  # noqa: E402  (importing registers the methods)
-from distill.methods.features import AT, FitNet
-from distill.methods.relations import CC, FSP, ICKD, NST, PKT, RKD, SP
-from distill.methods.logits import CTKD, DIST, DKD, KD, SKD, CrossEntropy, LabelSmoothing, LogitRegression, NoisyTeacher
+from distill.methods.base import _REGISTRY
 
-__all__ = [
-    "base",
-    "logits",
-    "features",
-    "relations",
-    "Method",
-    "MethodInfo",
-    "Paper",
-    "register",
-    "list_methods",
-    "method_info",
-    "create_method",
-    "CrossEntropy",
-    "LabelSmoothing",
-    "KD",
-    "LogitRegression",
-    "NoisyTeacher",
-    "DKD",
-    "DIST",
-    "SKD",
-    "CTKD",
-    "FitNet",
-    "AT",
-    "SP",
-    "RKD",
-    "PKT",
-    "CC",
-    "NST",
-    "FSP",
-    "ICKD",
-]
+for _info in _pkgutil.iter_modules(__path__):
+    if _info.name != "base":
+        _importlib.import_module(f"{__name__}.{_info.name}")
+
+for _entry in list(_REGISTRY.values()):
+    globals()[_entry.cls.__name__] = _entry.cls
+
+__all__ = ["Method", "MethodInfo", "Paper", "create_method", "list_methods", "method_info", "register",
+           *sorted(e.cls.__name__ for e in _REGISTRY.values())]
