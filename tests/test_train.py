@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import distill
 import distill.train.loop as loop_mod
 from distill import Distiller, evaluate, fit, fit_hint_stage
 from distill.batch import Batch
@@ -533,3 +534,21 @@ def test_fit_bf16_autocast_cpu(digits, tmp_path):
     assert math.isfinite(row["train_loss"]) and math.isfinite(row["val_kl_to_teacher"])
     assert all(p.dtype == torch.float32 for p in d.student.parameters())
     assert len(_lines(tmp_path / "metrics.jsonl")) == 1
+
+
+def test_hint_stage_of_an_initialisation_only_method_and_weight_zero_skips_the_loss() -> None:
+    """A method with weight 0 is not computed in stage 2; its hint stage still trains (weight 1)."""
+    from distill.methods import FitNet
+
+    torch.manual_seed(0)
+    teacher, student = distill.models.create("cnn", widths=(8, 16, 16)), distill.models.create("cnn", widths=(4, 8, 8))
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    hint = FitNet(weight=0.0)
+    d = distill.Distiller(student, teacher, losses={"ce": 1.0, "fitnet": hint})
+    d.prepare((x, y))
+    regressor = [p.detach().clone() for p in hint.parameters()]
+    distill.fit_hint_stage(d, [(x, y)], method="fitnet", epochs=2, progress=False, schedule="constant")
+    assert hint.weight == 0.0  # restored after the stage
+    assert any(not torch.equal(a, b) for a, b in zip(regressor, hint.parameters()))
+    out = d((x, y))
+    assert set(out.parts) == {"ce"}  # the switched-off loss was not computed

@@ -207,12 +207,15 @@ class Distiller(nn.Module):
             if method.needs_targets and batch.targets is None:
                 raise ValueError(f"loss {name!r} needs targets, but the batch has none")
             factor = method.weight * self._warmup_factor(method)
+            if factor == 0.0:  # a loss switched off (e.g. an initialisation-only method after its stage)
+                continue
             loss = method(student_view, teacher_view or {}, batch)
             if factor != 1.0:  # skip a kernel (and its backward) per loss when there is nothing to scale
                 loss = loss * factor
             parts[name] = loss.detach()
             total = loss if total is None else total + loss
-        assert total is not None
+        if total is None:
+            raise ValueError("every loss has weight 0: nothing to train")
         return DistillOutput(total, parts, student_view, teacher_view)
 
     def _warmup_factor(self, method: Method) -> float:

@@ -53,7 +53,7 @@ class AugmentSpec(_Strict):
 
 
 class DataSpec(_Strict):
-    name: Literal["digits", "mnist", "fashion_mnist"] = "digits"
+    name: Literal["digits", "mnist", "fashion_mnist", "cifar10", "cifar100"] = "digits"
     root: str | None = None
     batch_size: int = Field(64, gt=0)
     eval_batch_size: int = Field(512, gt=0)
@@ -82,6 +82,7 @@ class HintStageSpec(_Strict):
     """FitNets' stage 1: train up to the guided layer with the hint loss alone."""
 
     method: str = "fitnet"
+    weight: float | None = Field(None, gt=0, description="loss weight in this stage (default: the method's, or 1)")
     train: TrainSpec
 
 

@@ -223,7 +223,8 @@ def run_recipe(recipe: Recipe, *, out_dir: str | Path | None = None, progress: b
         t0 = time.perf_counter()
         if recipe.hint_stage is not None:
             console.print(f"hint stage ({recipe.hint_stage.method}, {recipe.hint_stage.train.epochs} epochs)")
-            fit_hint_stage(d, train_loader, method=recipe.hint_stage.method, seed=s, progress=progress,
+            fit_hint_stage(d, train_loader, method=recipe.hint_stage.method, weight=recipe.hint_stage.weight,
+                           seed=s, progress=progress,
                            run_dir=run_dir / "hint_stage", resume=resume, **_fit_kwargs(recipe.hint_stage.train))
         result = fit(d, train_loader, val_loader, run_dir=run_dir, seed=s, progress=progress, resume=resume,
                      **_fit_kwargs(recipe.train))

@@ -12,6 +12,7 @@ Typical use::
             ...
 """
 
+from distill.data.cifar import CIFARFormatError, load_cifar10, load_cifar100
 from distill.data.augment import Augment, Compose, RandomCropPad, RandomHorizontalFlip
 from distill.data.loader import IndexedTensorDataset, InMemoryLoader
 from distill.data.sources import (
@@ -27,6 +28,9 @@ from distill.data.sources import (
 )
 
 __all__ = [
+    "CIFARFormatError",
+    "load_cifar10",
+    "load_cifar100",
     "Augment",
     "Compose",
     "DigitsSplit",

@@ -315,11 +315,26 @@ def _default_fashion_root() -> Path:
     return Path(env) if env else FASHION_MNIST_ROOT
 
 
+def _load_cifar10(root: Path | None, split: str) -> tuple[Tensor, Tensor]:
+    from distill.data.cifar import load_cifar10
+
+    return load_cifar10(root, split)
+
+
+def _load_cifar100(root: Path | None, split: str) -> tuple[Tensor, Tensor]:
+    from distill.data.cifar import load_cifar100
+
+    return load_cifar100(root, split)
+
+
 _DATASETS: dict[str, _DatasetSpec] = {
     # digits has no separate test split: "test" means the held-out validation part.
     "digits": _DatasetSpec(10, ("train", "val"), _load_digits, lambda: None, (("test", "val"),)),
     "mnist": _DatasetSpec(10, ("train", "test"), _load_mnist, _default_mnist_root),
     "fashion_mnist": _DatasetSpec(10, ("train", "test"), _load_fashion, _default_fashion_root),
+    # CIFAR roots default to $DISTILL_CIFAR10 / $DISTILL_CIFAR100 (resolved by distill.data.cifar)
+    "cifar10": _DatasetSpec(10, ("train", "test"), _load_cifar10, lambda: None),
+    "cifar100": _DatasetSpec(100, ("train", "test"), _load_cifar100, lambda: None),
 }
 
 
@@ -360,7 +375,8 @@ def get_dataset(
     """Load a registered data set split into memory.
 
     Args:
-        name: ``"digits"`` (embedded, no download), ``"mnist"`` or ``"fashion_mnist"``.
+        name: ``"digits"`` (embedded, no download), ``"mnist"``, ``"fashion_mnist"``, ``"cifar10"``
+            or ``"cifar100"`` (the official python-version folders; root or ``$DISTILL_CIFAR10/100``).
         root: directory of the IDX files. Defaults: mnist → ``$DISTILL_MNIST``, else
             ``../shared/data/mnist`` relative to the working directory; fashion_mnist →
             ``$DISTILL_FASHION_MNIST``, else ``/usr/share/datasets/fashion-mnist``. Ignored by digits.

@@ -9,7 +9,7 @@ from distill.train.loop import FitResult, fit
 
 
 def fit_hint_stage(distiller: Any, train_loader: Iterable[Any], *, method: str = "fitnet",
-                   epochs: int, **fit_kwargs: Any) -> FitResult:
+                   epochs: int, weight: float | None = None, **fit_kwargs: Any) -> FitResult:
     """FitNets stage 1 (Romero et al., ICLR 2015, arXiv 1412.6550): train the student up to its
     guided layer, and the regressor, with the hint loss alone.
 
@@ -17,13 +17,18 @@ def fit_hint_stage(distiller: Any, train_loader: Iterable[Any], *, method: str =
     with only that loss: parameters above the guided layer get no gradient, and the optimizers
     skip parameters without one, so only the layers the paper trains in stage 1 move.
     Stage 2 is then an ordinary ``fit(distiller, ...)`` (KD, or the losses you chose).
+
+    ``weight``: the loss weight during this stage (default: the method's own, or 1 when that is
+    0, i.e. when the method only initialises, as AB does, and is off in stage 2).
     """
     from distill.distiller import Distiller
 
     if method not in distiller.methods:
         raise KeyError(f"the distiller has no loss named {method!r}; it has {list(distiller.methods)}")
     hint = distiller.methods[method]
-    stage = Distiller(distiller.student, distiller.teacher, losses={method: hint})
+    main_weight = hint.weight
+    stage_weight = weight if weight is not None else (main_weight or 1.0)
+    stage = Distiller(distiller.student, distiller.teacher, losses={method: (stage_weight, hint)})
     if distiller.prepared:
         stage.prepared = True
     else:  # build the hint's adapter now, on the Distiller the stage-2 optimizer will read
@@ -32,6 +37,7 @@ def fit_hint_stage(distiller: Any, train_loader: Iterable[Any], *, method: str =
     try:
         result = fit(stage, train_loader, None, epochs=epochs, **fit_kwargs)
     finally:
+        hint.weight = main_weight
         stage.detach_taps()
         distiller.attach()
     return result
