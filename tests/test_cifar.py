@@ -92,3 +92,40 @@ def test_recipes_accept_cifar(tmp_path: Path) -> None:
     recipe = parse_recipe({"name": "c", "data": {"name": "cifar100", "root": str(tmp_path)},
                            "student": {"name": "resnet8"}, "train": {"epochs": 1}, "kind": "train"})
     assert recipe.data.name == "cifar100"
+
+
+def test_a_cifar100_recipe_runs_end_to_end_on_generated_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shipped recipe, shrunk (1 epoch, tiny models), on files in the official format."""
+    import yaml
+
+    from distill.runner import run_recipe
+
+    make_cifar100(tmp_path / "data", n_train=16, n_test=8)
+    monkeypatch.setenv("DISTILL_CIFAR100", str(tmp_path / "data"))
+    shipped = yaml.safe_load((Path(__file__).parent.parent / "recipes" / "cifar100" /
+                              "kd_resnet32x4_resnet8x4.yaml").read_text())
+    one_epoch = {"epochs": 1, "milestones": [1]}
+    shipped["student"] = {"name": "resnet8"}
+    shipped["teacher"] = {"model": {"name": "resnet8"}, "train": {**shipped["train"], **one_epoch}}
+    shipped["train"].update(one_epoch)
+    shipped["seeds"] = [0]
+    shipped["data"]["batch_size"] = 8
+    dirs = run_recipe(parse_recipe(shipped), out_dir=tmp_path / "runs", progress=False)
+    import json
+
+    summary = json.loads((dirs[0] / "summary.json").read_text())
+    assert summary["data"]["num_classes"] == 100 and summary["data"]["in_channels"] == 3
+    assert summary["last_acc"] is not None and summary["teacher_acc"] is not None
+
+
+def test_every_cifar100_recipe_names_a_shipped_teacher_recipe() -> None:
+    import yaml
+
+    folder = Path(__file__).parent.parent / "recipes" / "cifar100"
+    teachers = {p.stem.removeprefix("teacher_") for p in folder.glob("teacher_*.yaml")}
+    recipes = [p for p in folder.glob("*.yaml") if not p.stem.startswith("teacher_")]
+    assert len(recipes) >= 4 * 10  # every pair x the registered methods
+    for p in recipes:
+        r = yaml.safe_load(p.read_text())
+        assert r["teacher"]["model"]["name"] in teachers
+        assert r["teacher"]["model"]["checkpoint"] == f"runs/cifar100_teacher_{r['teacher']['model']['name']}/seed0/model.pt"

@@ -1,0 +1,159 @@
+"""Write the CIFAR-100 recipes: one per (method, teacher→student pair), the protocol of
+RepDistiller / mdistiller (Tian et al., ICLR 2020, arXiv 1910.10699): 240 epochs of SGD
+(momentum 0.9, batch 64, weight decay 5e-4), lr 0.05 (0.01 for ShuffleNet/MobileNet
+students) ×0.1 at epochs 150, 180 and 210, random crop (padding 4) and flip.
+
+    python recipes/cifar100/generate.py          # rewrites recipes/cifar100/*.yaml
+
+Each recipe is checked before it is written: its models are built and its Distiller prepared
+on a random 32x32 batch, so every tap and adapter fits the pair. Weights translate the CIFAR
+weights of RepDistiller/mdistiller to our losses where our reduction differs (the comment in
+each file says how). CIFAR-100 itself is read from $DISTILL_CIFAR100 (the official
+``cifar-100-python`` folder; nothing is downloaded).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent.parent / "src"))
+
+PAIRS = [("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_16_2"), ("vgg13", "vgg8"), ("resnet32x4", "ShuffleV2")]
+SMALL_LR_STUDENTS = {"ShuffleV1", "ShuffleV2", "MobileNetV2"}
+
+
+def protocol(student: str) -> dict[str, Any]:
+    return {"epochs": 240, "optimizer": "sgd", "lr": 0.01 if student in SMALL_LR_STUDENTS else 0.05,
+            "momentum": 0.9, "weight_decay": 5.0e-4, "schedule": "multistep", "milestones": [150, 180, 210],
+            "gamma": 0.1}
+
+
+def hint_pair(teacher: torch.nn.Module, student: torch.nn.Module, x: torch.Tensor) -> tuple[str, str, int]:
+    """The middle stage pair with equal spatial size (FitNets' guided/hint layers), and N = C·H·W of the hint."""
+    from distill.taps import Taps
+
+    def shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+        paths = [p for p in model.tap_points if p.startswith("stage") and ".pre" not in p]
+        taps = Taps(model, paths)
+        with torch.no_grad(), taps.recording() as store:
+            model.eval()(x)
+        taps.remove()
+        return {p: tuple(v.shape[1:]) for p, v in store.items()}
+
+    ts, ss = shapes(teacher), shapes(student)
+    for t_path in ("stage2", "stage3", "stage1"):
+        for s_path in ("stage2", "stage1", "stage3"):
+            if t_path in ts and s_path in ss and ts[t_path][1:] == ss[s_path][1:]:
+                c, h, w = ts[t_path]
+                return s_path, t_path, c * h * w
+    raise ValueError(f"no stage pair with equal spatial size: {ts} vs {ss}")
+
+
+def losses_for(method: str, teacher: torch.nn.Module, student: torch.nn.Module,
+               x: torch.Tensor) -> tuple[dict[str, Any], dict[str, Any] | None, str]:
+    """(losses, hint_stage, comment) for one method on one pair."""
+    s_hint, t_hint, n = hint_pair(teacher, student, x)
+    common = [f"stage{i}" for i in (1, 2, 3)]
+    if method == "kd":
+        return {"ce": 0.1, "kd": {"T": 4.0, "weight": 0.9}}, None, "RepDistiller: -r 0.1 -a 0.9, T = 4"
+    if method == "dkd":
+        return {"ce": 1.0, "dkd": {"alpha": 1.0, "beta": 8.0, "T": 4.0, "warmup_epochs": 20}}, None, \
+            "mdistiller DKD CIFAR config: alpha 1, beta 8, T 4, 20 warm-up epochs"
+    if method == "dist":
+        return {"ce": 1.0, "dist": {"beta": 2.0, "gamma": 2.0, "T": 4.0}}, None, "DIST CIFAR: beta = gamma = 2, T = 4"
+    if method == "fitnet":
+        w = round(200.0 / n, 8)
+        return ({"ce": 1.0, "fitnet": {"student_tap": s_hint, "teacher_tap": t_hint, "weight": w}}, None,
+                f"RepDistiller: 100 x element-wise mean MSE = (200/N) x our 1/2||.||^2 per sample, "
+                f"N = C*H*W = {n} of teacher {t_hint}")
+    if method == "at":
+        return {"ce": 1.0, "at": {"pairs": [[p, p] for p in common], "beta": 1000.0}}, None, \
+            "the AT paper's beta = 1000 (divided per layer by N_j and the batch, as the paper says)"
+    if method == "sp":
+        return {"ce": 1.0, "sp": {"pairs": [["stage3", "stage3"]], "weight": 3000.0}}, None, \
+            "RepDistiller: -b 3000 (the same loss as ours)"
+    if method == "rkd":
+        return {"ce": 1.0, "rkd": {}}, None, "the RKD paper's distance 25 / angle 50 on the pooled feature"
+    if method == "pkt":
+        return {"ce": 1.0, "pkt": {"weight": 468.75}}, None, \
+            "RepDistiller: -b 30000 on a loss 1/B of ours: 30000 / 64 = 468.75"
+    if method == "cc":
+        return {"ce": 1.0, "cc": {}}, None, \
+            "the CC paper's kernel form (RepDistiller's 0.02 weights a different, kernel-free formula)"
+    if method == "nst":
+        return {"ce": 1.0, "nst": {"weight": 50.0}}, None, "RepDistiller: -b 50 (the same MMD^2 as ours)"
+    if method == "fsp":
+        return {"ce": 1.0, "fsp": {}}, {"method": "fsp", "train": {**protocol("x"), "epochs": 30,
+                                                                    "milestones": [20]}}, \
+            "the FSP paper's two stages: FSP alone first, then the task loss"
+    if method == "ickd":
+        return {"ce": 1.0, "ickd": {"student_tap": "stage3", "teacher_tap": "stage3"}}, None, "ICKD on the last stage"
+    raise KeyError(method)
+
+
+METHODS = ["kd", "dkd", "dist", "fitnet", "at", "sp", "rkd", "pkt", "cc", "nst", "fsp", "ickd"]
+
+
+def main() -> None:
+    import distill
+    from distill.methods import create_method, method_info
+    from distill.models import create
+    from distill.recipes import parse_recipe
+
+    x = torch.randn(4, 3, 32, 32)
+    written = 0
+    for t_name in sorted({t for t, _ in PAIRS}):
+        recipe = {"name": f"cifar100_teacher_{t_name}", "kind": "train", "seeds": [0],
+                  "data": {"name": "cifar100", "batch_size": 64, "augment": {"crop_padding": 4, "flip": True}},
+                  "student": {"name": t_name}, "losses": {"ce": 1.0}, "train": protocol(t_name)}
+        parse_recipe(recipe)
+        (HERE / f"teacher_{t_name}.yaml").write_text(
+            f"# Teacher {t_name} on CIFAR-100, the RepDistiller protocol.\n#\n"
+            f"#   DISTILL_CIFAR100=/path/to/cifar-100-python distill train recipes/cifar100/teacher_{t_name}.yaml\n"
+            + yaml.safe_dump(recipe, sort_keys=False))
+        written += 1
+    for t_name, s_name in PAIRS:
+        teacher, student = create(t_name, num_classes=100), create(s_name, num_classes=100)
+        for method in METHODS:
+            try:
+                method_info(method)
+            except KeyError:
+                continue
+            losses, hint, comment = losses_for(method, teacher, student, x)
+            ckpt = f"runs/cifar100_teacher_{t_name}/seed0/model.pt"
+            recipe: dict[str, Any] = {
+                "name": f"cifar100_{method}_{t_name}_{s_name}", "kind": "distill", "seeds": [0, 1, 2],
+                "data": {"name": "cifar100", "batch_size": 64, "augment": {"crop_padding": 4, "flip": True}},
+                "student": {"name": s_name}, "teacher": {"model": {"name": t_name, "checkpoint": ckpt}},
+                "losses": losses, "train": protocol(s_name),
+            }
+            if hint is not None:
+                recipe["hint_stage"] = hint
+            parse_recipe(recipe)
+            # dry run: taps resolve and adapters fit this pair
+            methods = {}
+            for name, spec in losses.items():
+                kwargs = {"weight": spec} if isinstance(spec, float) else dict(spec)
+                if "pairs" in kwargs:
+                    kwargs["pairs"] = [tuple(p) for p in kwargs["pairs"]]
+                methods[name] = create_method(name, **kwargs)
+            distill.Distiller(create(s_name, num_classes=100), create(t_name, num_classes=100),
+                              losses=methods).prepare((x, torch.zeros(4, dtype=torch.long)))
+            header = (f"# {method} on CIFAR-100: {t_name} -> {s_name}, the RepDistiller protocol.\n"
+                      f"# Weights: {comment}.\n"
+                      f"# Teacher: train it first with recipes/cifar100/teacher_{t_name}.yaml.\n#\n"
+                      f"#   DISTILL_CIFAR100=/path/to/cifar-100-python distill run "
+                      f"recipes/cifar100/{method}_{t_name}_{s_name}.yaml\n")
+            (HERE / f"{method}_{t_name}_{s_name}.yaml").write_text(header + yaml.safe_dump(recipe, sort_keys=False))
+            written += 1
+    print(f"wrote {written} recipes to {HERE}")
+
+
+if __name__ == "__main__":
+    main()
