@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 # The CPU build of torch that lies on this disk; with it installed, `torch>=2.4` adds nothing.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv install install-test demo test bench clean
+.PHONY: venv install install-test demo test lint bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,7 @@ demo: install
 	$(VENV)/bin/distill demo
 
 test: install-test
+	$(VENV)/bin/ruff check --select F,E9 src tests benchmarks recipes
 	$(PY) -m pytest
 
 bench: install

@@ -565,7 +565,6 @@ def test_gradients_reach_student_and_adapters_never_teacher():
 
 def test_step_end_reaches_a_stateful_teacher_source_and_methods() -> None:
     """The hook later EMA teachers and memory-bank methods plug into: called once per optimizer step."""
-    from distill.batch import Batch
     from distill.methods.base import Method
     from distill.teachers import TeacherSource
 

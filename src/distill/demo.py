@@ -76,7 +76,7 @@ def run_demo(out_dir: str | Path = "runs", seeds: int = 3, epochs: int | None = 
     from distill.methods import create_method
     from distill.recipes import validate_losses
     from distill.report import aggregate, format_table, plot_runs, read_run, write_report
-    from distill.runner import build_data, build_model, ls_notes, train_model
+    from distill.runner import build_data, build_model, ls_notes
     from distill.teachers import EnsembleTeacher, FrozenTeacher
     from distill.train import fit
     from distill.train.checkpoint import load_model

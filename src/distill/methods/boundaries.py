@@ -18,17 +18,13 @@ from torch import Tensor, nn
 from distill import functional as DF
 from distill.adapters import ShapeMismatchError, build_adapter
 from distill.batch import Batch, View
+from distill.methods._views import tap as _tap
 from distill.methods.base import Method, Paper, register
 
 _STAGES = (("stage1.pre", "stage1.pre"), ("stage2.pre", "stage2.pre"), ("stage3.pre", "stage3.pre"))
 _SHORTCUT_NAMES = ("shortcut", "downsample", "skip", "proj", "projection", "residual_conv")
 
 
-def _tap(view: View, path: str, side: str) -> Tensor:
-    try:
-        return view[path]
-    except KeyError:
-        raise KeyError(f"the {side} view has no tap {path!r} (available: {sorted(view)})") from None
 
 
 def _key(s: str, t: str) -> str:

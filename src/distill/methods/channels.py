@@ -17,30 +17,14 @@ from torch import Tensor, nn
 from distill import functional as DF
 from distill.adapters import ShapeMismatchError, build_adapter, match_spatial
 from distill.batch import Batch, View
+from distill.methods._views import tap as _tap, tap_pairs as _pairs, check_maps as _check_maps
 from distill.methods.base import Method, Paper, register
 
 
-def _tap(view: View, path: str, side: str) -> Tensor:
-    try:
-        return view[path]
-    except KeyError:
-        raise KeyError(f"the {side} view has no tap {path!r} (available: {sorted(view)})") from None
 
 
-def _pairs(pairs: Sequence[tuple[str, str]], what: str) -> list[tuple[str, str]]:
-    out = [(str(a), str(b)) for a, b in pairs]
-    if not out:
-        raise ValueError(f"{what} needs at least one (student_tap, teacher_tap) pair")
-    return out
 
 
-def _check_maps(s: Tensor, t: Tensor, s_name: str, t_name: str, what: str) -> None:
-    if s.dim() != 4 or t.dim() != 4:
-        raise ShapeMismatchError(
-            f"{what} needs (B, C, H, W) feature maps: {s_name} {tuple(s.shape)}, {t_name} {tuple(t.shape)}"
-        )
-    if s.shape[0] != t.shape[0]:
-        raise ShapeMismatchError(f"batch sizes differ: {s_name} {tuple(s.shape)}, {t_name} {tuple(t.shape)}")
 
 
 def _channel_align(s: Tensor, t: Tensor, s_name: str, t_name: str) -> nn.Module:
@@ -55,8 +39,6 @@ def _channel_align(s: Tensor, t: Tensor, s_name: str, t_name: str) -> nn.Module:
     return build_adapter(s, t, student_name=s_name, teacher_name=t_name, kind="conv1x1")
 
 
-def _key(path: str) -> str:
-    return path.replace(".", "_")
 
 
 # ============================================================================================

@@ -17,17 +17,13 @@ from distill import functional as DF
 from distill.adapters import ShapeMismatchError
 from distill.batch import Batch, View
 from distill.data.loader import mix_seed
+from distill.methods._views import tap as _tap
 from distill.methods.base import Method, Paper, register
 
 _NEGATIVES = ("other_class", "random")
 _PENDING_WARN = 64  # queued bank updates that mean step_end() is never called
 
 
-def _tap(view: View, path: str, side: str) -> Tensor:
-    try:
-        return view[path]
-    except KeyError:
-        raise KeyError(f"the {side} view has no tap {path!r} (available: {sorted(view)})") from None
 
 
 @register(

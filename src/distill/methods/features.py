@@ -14,14 +14,10 @@ from torch import Tensor, nn
 from distill import functional as DF
 from distill.adapters import ShapeMismatchError, build_adapter, match_spatial
 from distill.batch import Batch, View
+from distill.methods._views import tap as _tap
 from distill.methods.base import Method, Paper, register
 
 
-def _tap(view: View, path: str, side: str) -> Tensor:
-    try:
-        return view[path]
-    except KeyError:
-        raise KeyError(f"the {side} view has no tap {path!r} (available: {sorted(view)})") from None
 
 
 @register(

@@ -14,41 +14,20 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from distill import functional as DF
-from distill.adapters import ShapeMismatchError, build_adapter, match_spatial
+from distill.adapters import build_adapter, match_spatial
 from distill.batch import Batch, View
+from distill.methods._views import tap as _tap, tap_pairs as _pairs, check_batch as _check_batch, check_maps as _check_maps, module_key as _key
 from distill.methods.base import Method, Paper, register
 
 
-def _tap(view: View, path: str, side: str) -> Tensor:
-    try:
-        return view[path]
-    except KeyError:
-        raise KeyError(f"the {side} view has no tap {path!r} (available: {sorted(view)})") from None
 
 
-def _pairs(pairs: Sequence[tuple[str, str]], what: str) -> list[tuple[str, str]]:
-    out = [(str(a), str(b)) for a, b in pairs]
-    if not out:
-        raise ValueError(f"{what} needs at least one pair of taps")
-    return out
 
 
-def _check_batch(s: Tensor, t: Tensor, s_name: str, t_name: str) -> None:
-    if s.shape[0] != t.shape[0]:
-        raise ShapeMismatchError(f"batch sizes differ: {s_name} {tuple(s.shape)}, {t_name} {tuple(t.shape)}")
 
 
-def _check_maps(s: Tensor, t: Tensor, s_name: str, t_name: str, what: str) -> None:
-    if s.dim() != 4 or t.dim() != 4:
-        raise ShapeMismatchError(
-            f"{what} needs (B, C, H, W) feature maps: {s_name} {tuple(s.shape)}, {t_name} {tuple(t.shape)}"
-        )
-    _check_batch(s, t, s_name, t_name)
 
 
-def _key(path: str) -> str:
-    """A tap path as an ``nn.ModuleDict`` key (no dots)."""
-    return path.replace(".", "_")
 
 
 # ============================================================================================

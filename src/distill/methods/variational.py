@@ -21,18 +21,12 @@ from torch import Tensor, nn
 from distill import functional as DF
 from distill.adapters import ShapeMismatchError, match_spatial
 from distill.batch import Batch, View
+from distill.methods._views import tap as _tap, module_key as _key
 from distill.methods.base import Method, Paper, register
 
 
-def _tap(view: View, path: str, side: str) -> Tensor:
-    try:
-        return view[path]
-    except KeyError:
-        raise KeyError(f"the {side} view has no tap {path!r} (available: {sorted(view)})") from None
 
 
-def _key(path: str) -> str:
-    return path.replace(".", "_")
 
 
 def _match(s: Tensor, t: Tensor, s_name: str, t_name: str, what: str) -> tuple[Tensor, Tensor]:
