@@ -405,3 +405,29 @@ def test_warns_when_step_end_is_never_called():
             m(sv, tv, batch)
     m.on_step_end()
     assert not m._pending
+
+
+def test_fit_and_recipes_size_crd_from_the_training_loader(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """fit tells CRD the training-set size and labels (bind_data); a recipe needs neither."""
+    import distill
+    from distill.data import get_dataset
+    from distill.data.loader import InMemoryLoader
+    from distill.recipes import parse_recipe
+    from distill.runner import run_recipe
+
+    train = get_dataset("digits")
+    x, y = train.inputs[:96], train.targets[:96]
+    crd = distill.create_method("crd", nce_k=32)
+    d = distill.Distiller(distill.models.create("cnn_digits_student"), distill.models.create("cnn_digits_teacher"),
+                          losses={"ce": 1.0, "crd": crd})
+    distill.fit(d, InMemoryLoader(x, y, 32, return_index=True), epochs=1, progress=False)
+    assert crd.num_samples == 96 and crd.memory_s.shape[0] == 96
+
+    recipe = parse_recipe({
+        "name": "crd_tiny", "seeds": [0], "data": {"name": "digits", "val_split": "val", "train_subset": 64},
+        "student": {"name": "cnn_digits_student"},
+        "teacher": {"model": {"name": "cnn_digits_teacher"}, "train": {"epochs": 1}},
+        "losses": {"ce": 1.0, "crd": {"nce_k": 16, "weight": 0.8}}, "train": {"epochs": 1},
+    })
+    dirs = run_recipe(recipe, out_dir=tmp_path, progress=False)
+    assert (dirs[0] / "summary.json").is_file()

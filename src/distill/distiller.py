@@ -141,6 +141,11 @@ class Distiller(nn.Module):
         if self.teacher is not None:
             self.teacher.on_epoch_start(epoch)
 
+    def bind_data(self, num_samples: int, targets: Tensor | None = None) -> None:
+        """Tell every method the training set's size and labels (CRD's memory banks); ``fit`` calls it."""
+        for m in self.methods.values():
+            m.bind_data(num_samples, targets)
+
     def step_end(self) -> None:
         """Call after each ``optimizer.step()`` in your own loop (``fit`` does): lets stateful
         teacher sources (EMA) and methods (memory banks) update from the new weights."""

@@ -41,8 +41,9 @@ def build_data(spec: DataSpec, seed: int = 0) -> tuple[Any, Any, dict[str, Any]]
         augs.append(RandomHorizontalFlip())
     from distill.data.loader import InMemoryLoader
 
+    # sample indices ride along (one gather): methods with per-sample state (CRD) read them
     train_loader = InMemoryLoader(x, y, spec.batch_size, shuffle=True, seed=seed,
-                                  augment=Compose(augs) if augs else None)
+                                  augment=Compose(augs) if augs else None, return_index=True)
     val_loader = InMemoryLoader(val.inputs, val.targets, spec.eval_batch_size, shuffle=False)
     info = {"dataset": spec.name, "num_classes": train.num_classes, "in_channels": int(x.shape[1]),
             "train_size": int(x.shape[0]), "val_size": len(val), "val_split": spec.val_split}
@@ -146,6 +147,7 @@ def run_recipe(recipe: Recipe, *, out_dir: str | Path | None = None, progress: b
     def make_distiller(student: nn.Module, teacher: Any) -> Distiller:
         methods = {n: create_method(n, **kw) for n, kw in losses.items()}
         d = Distiller(student, teacher, losses=methods)
+        d.bind_data(len(data[0].targets), data[0].targets)
         d.prepare(next(iter(data[0])))
         return d
 

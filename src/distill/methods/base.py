@@ -85,6 +85,10 @@ class Method(nn.Module):
         self.epoch = epoch
         self.total_epochs = total_epochs
 
+    def bind_data(self, num_samples: int, targets: Tensor | None) -> None:
+        """Told the training set's size and labels (``fit`` does this from a loader with ``.targets``,
+        before :meth:`prepare`); methods with per-sample state (memory banks) size themselves here."""
+
     def on_step_end(self) -> None:
         """Called after each optimizer step (momentum updates of memory banks go here)."""
 

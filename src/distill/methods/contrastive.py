@@ -161,6 +161,13 @@ class CRD(Method):
             raise ValueError("CRD needs num_samples (the training-set size)")
         return min(self.nce_k, self.num_samples - 1)
 
+    def bind_data(self, num_samples: int, targets: Tensor | None) -> None:
+        """Take ``num_samples`` and the labels from the training loader when they were not given."""
+        if self.num_samples is None:
+            self.num_samples = int(num_samples)
+        if targets is not None and getattr(self, "_layout", None) is None and self.negatives == "other_class":
+            self.set_labels(targets)
+
     def set_labels(self, targets: Tensor) -> CRD:
         """Give the training labels ``(M,)`` (position i = the sample with ``batch.index == i``).
 

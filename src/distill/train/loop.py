@@ -173,10 +173,12 @@ def _fit(distiller: Any, train_loader: Iterable[Any], val_loader: Iterable[Any] 
     distiller.to(device)
     run_path = Path(run_dir) if run_dir is not None else None
 
+    all_targets = getattr(train_loader, "targets", None)
+    if isinstance(all_targets, torch.Tensor) and hasattr(distiller, "bind_data"):
+        distiller.bind_data(int(all_targets.shape[0]), all_targets)
     example = _first_batch(train_loader).to(device)
     distiller.prepare(example)
     num_classes = distiller.num_classes
-    all_targets = getattr(train_loader, "targets", None)
     if isinstance(all_targets, torch.Tensor):
         _check_labels(all_targets, num_classes, "the training set")
     if val_loader is not None and isinstance(getattr(val_loader, "targets", None), torch.Tensor):
