@@ -30,6 +30,24 @@ def _cmd_methods(args: argparse.Namespace) -> int:
                  for s in sources for p in s["papers"]]
         print(json.dumps(rows, indent=2, default=str))
         return 0
+    if console.width < 120 and not args.table:
+        # narrow terminals (and pipes): one block per method reads better than a folded table
+        from rich.markup import escape
+
+        console.print(f"[bold]{len(infos)} methods[/bold]")
+        for i in infos:
+            defaults = ", ".join(f"{k}={v!r}" for k, v in i.defaults.items())
+            where = f"arXiv {i.paper.arxiv}" if i.paper.arxiv else (i.paper.venue or "–")
+            console.print(f"[bold]{i.name}[/bold]  ({i.family}, {i.paper.year}, {where})  {escape(i.paper.title)}",
+                          soft_wrap=True)
+            console.print(f"    {escape(i.paper.authors)}", soft_wrap=True)
+            console.print(f"    defaults: {escape(defaults)}", soft_wrap=True)
+        for src in sources:
+            for p in src["papers"]:
+                where = f"arXiv {p.arxiv}" if p.arxiv else (p.venue or "–")
+                console.print(f"[bold]{src['name']}[/bold]  (teacher-source, {p.year}, {where})  {escape(p.title)}",
+                              soft_wrap=True)
+        return 0
     table = Table(title=f"{len(infos)} methods", show_lines=False)
     for col in ("name", "family", "paper", "year", "arXiv", "defaults"):
         whole = col in ("name", "family", "year", "arXiv")  # never split a name that users grep for
@@ -112,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("methods", help="list every method: family, paper, year, arXiv id, defaults")
     m.add_argument("--family", default=None)
     m.add_argument("--json", action="store_true", help="machine-readable output")
+    m.add_argument("--table", action="store_true", help="a table even on a narrow terminal")
     m.set_defaults(func=_cmd_methods)
 
     c = sub.add_parser("compare", help="one table over run folders")
