@@ -9,5 +9,6 @@
 from distill.models.registry import UnknownModelError, create, create_model, list_models, register_model
 from distill.models.small import CNN, MLP  # importing registers the built-in models
 from distill.models import cifar  # noqa: F401  (registers the CIFAR zoo)
+from distill.models import moonshine  # noqa: F401  (registers the Moonshine cheap-conv WRNs)
 
 __all__ = ["CNN", "MLP", "UnknownModelError", "create", "create_model", "list_models", "register_model"]
