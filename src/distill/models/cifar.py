@@ -59,7 +59,7 @@ Per-family notes on how the stages line up with RepDistiller's ``is_feat`` featu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -338,7 +338,10 @@ class WideResNet(CifarNet):
     """
 
     def __init__(self, depth: int, widen_factor: int, num_classes: int = 100, in_channels: int = 3,
-                 drop_rate: float = 0.0) -> None:
+                 drop_rate: float = 0.0,
+                 conv3x3: Callable[[int, int, int], nn.Module] | None = None) -> None:
+        """``conv3x3(in_ch, out_ch, stride)``, when given, builds each block's two 3x3 convolutions
+        (Moonshine's cheap students reuse this layout with grouped/bottleneck convolutions)."""
         _check_positive("in_channels", in_channels)
         _check_positive("widen_factor", widen_factor)
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
@@ -350,11 +353,14 @@ class WideResNet(CifarNet):
         stem = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
         stages, ch = [], 16
         for k, (w, stride) in enumerate(zip(widths, (1, 2, 2))):
-            blocks = [
-                WideBlock(ch if i == 0 else w, w, stride if i == 0 else 1, drop_rate,
-                          preactivated=(i == 0 and k > 0))
-                for i in range(n)
-            ]
+            blocks = []
+            for i in range(n):
+                block_in, block_stride = (ch if i == 0 else w), (stride if i == 0 else 1)
+                block = WideBlock(block_in, w, block_stride, drop_rate, preactivated=(i == 0 and k > 0))
+                if conv3x3 is not None:  # same pre-activation wiring; only the two 3x3 convolutions change
+                    block.conv1 = conv3x3(block_in, w, block_stride)
+                    block.conv2 = conv3x3(w, w, 1)
+                blocks.append(block)
             stages.append(Stage(blocks, norm=nn.BatchNorm2d(w)))
             ch = w
         super().__init__(stem, stages, ch, num_classes)

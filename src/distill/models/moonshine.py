@@ -53,7 +53,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from distill.models.cifar import CifarNet, Stage, WideBlock, _check_positive
+from distill.models.cifar import WideResNet, _check_positive
 from distill.models.registry import register_model
 
 __all__ = ["CONV_TYPES", "Bottleneck3x3", "CheapWideResNet", "GroupedPointwise", "cheap_conv", "wrn_cheap"]
@@ -124,7 +124,7 @@ def cheap_conv(conv: str, in_ch: int, out_ch: int, stride: int = 1, groups: int 
     raise ValueError(f"conv must be one of {CONV_TYPES}; got {conv!r}")
 
 
-class CheapWideResNet(CifarNet):
+class CheapWideResNet(WideResNet):
     """WRN-d-k (the layout of :class:`~distill.models.cifar.WideResNet`) with each block's two 3x3
     convolutions replaced by :func:`cheap_conv` ``(conv, groups, bottleneck)``.
 
@@ -140,30 +140,10 @@ class CheapWideResNet(CifarNet):
     def __init__(self, depth: int = 40, widen_factor: int = 2, conv: str = "G", groups: int | str = 4,
                  bottleneck: int = 2, num_classes: int = 100, in_channels: int = 3,
                  drop_rate: float = 0.0) -> None:
-        _check_positive("in_channels", in_channels)
-        _check_positive("widen_factor", widen_factor)
         if conv not in CONV_TYPES:
             raise ValueError(f"conv must be one of {CONV_TYPES}; got {conv!r}")
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
-            raise ValueError(f"WRN depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, 40, ...); got {depth!r}")
-        if not 0.0 <= drop_rate < 1.0:
-            raise ValueError(f"drop_rate must be in [0, 1); got {drop_rate!r}")
-        n = (depth - 4) // 6
-        widths = [16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
-        stem = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
-        stages, ch = [], 16
-        for k, (w, stride) in enumerate(zip(widths, (1, 2, 2))):
-            blocks = []
-            for i in range(n):
-                block_in, block_stride = (ch if i == 0 else w), (stride if i == 0 else 1)
-                block = WideBlock(block_in, w, block_stride, drop_rate, preactivated=(i == 0 and k > 0))
-                # same pre-activation wiring; only the two 3x3 convolutions change
-                block.conv1 = cheap_conv(conv, block_in, w, block_stride, groups, bottleneck)
-                block.conv2 = cheap_conv(conv, w, w, 1, groups, bottleneck)
-                blocks.append(block)
-            stages.append(Stage(blocks, norm=nn.BatchNorm2d(w)))
-            ch = w
-        super().__init__(stem, stages, ch, num_classes)  # also initialises the new convolutions
+        super().__init__(depth, widen_factor, num_classes, in_channels, drop_rate,
+                         conv3x3=lambda i, o, stride: cheap_conv(conv, i, o, stride, groups, bottleneck))
         self.depth = depth
         self.widen_factor = widen_factor
         self.conv = conv
