@@ -20,9 +20,9 @@ from torch.utils.data import DataLoader, TensorDataset
 import distill
 from distill import functional as DF
 from distill.adapters import ShapeMismatchError
-from distill.batch import Batch
 from distill.methods import FT, VID, FTParaphraser, create_method, method_info
 from distill.models import create
+from _views import cnn_views
 
 SETTINGS = settings(max_examples=25, deadline=None)
 seeds = st.integers(0, 10_000)
@@ -195,17 +195,7 @@ B = 4
 
 
 def make_views(seed: int = 0):
-    """Leaves for the taps of a 3-stage CNN; teacher leaves require grad too, to catch leaks."""
-    g = torch.Generator().manual_seed(seed)
-
-    def leaf(*shape):
-        return torch.randn(*shape, generator=g).requires_grad_(True)
-
-    student = {"logits": leaf(B, 10), "stage1": leaf(B, 4, 8, 8), "stage2": leaf(B, 6, 4, 4),
-               "stage3": leaf(B, 8, 2, 2), "pool": leaf(B, 8)}
-    teacher = {"logits": leaf(B, 10), "stage1": leaf(B, 8, 8, 8), "stage2": leaf(B, 12, 4, 4),
-               "stage3": leaf(B, 16, 2, 2), "pool": leaf(B, 16)}
-    return student, teacher, Batch(torch.zeros(B, 1, 8, 8), torch.arange(B) % 10)
+    return cnn_views(B, seed)
 
 
 def test_vid_forward_equals_functional_and_gradients_reach_regressors_and_variances():
