@@ -21,3 +21,35 @@ def cnn_views(batch_size: int, seed: int = 0) -> tuple[dict, dict, Batch]:
     teacher = {"logits": leaf(b, 10), "stem": leaf(b, 8, 8, 8), "stage1": leaf(b, 8, 8, 8),
                "stage2": leaf(b, 12, 4, 4), "stage3": leaf(b, 16, 2, 2), "pool": leaf(b, 16)}
     return student, teacher, Batch(torch.zeros(b, 1, 8, 8), torch.arange(b) % 10)
+
+
+def _cnn_pair() -> tuple:
+    from distill.models import create
+
+    return create("cnn", widths=(4, 8, 8)), create("cnn", widths=(8, 16, 16))
+
+
+def _digits_pair() -> tuple:
+    from distill.models import create
+
+    return create("cnn_digits_student"), create("cnn_digits_teacher")
+
+
+# (student, teacher) factories of two different families, for end-to-end runs on (B, 1, 8, 8) inputs
+CNN_PAIRS = {"cnn": _cnn_pair, "digits": _digits_pair}
+
+
+def tiny_loader() -> tuple[torch.Tensor, torch.Tensor, object]:
+    """16 random 8x8 images with labels, and a shuffled loader of 4 batches of 4."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = torch.randn(16, 1, 8, 8), torch.arange(16) % 10
+    return x, y, DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True, drop_last=True)
+
+
+def prepare_and_snapshot(distiller, method, loader) -> tuple[list, list]:  # type: ignore[no-untyped-def]
+    """Prepare on the first batch; the method's parameters (all seen by the optimizer) and copies of them."""
+    distiller.prepare(next(iter(loader)))
+    params = list(method.parameters())
+    assert params and all(any(p is q for q in distiller.trainable_parameters()) for p in params)
+    return params, [p.detach().clone() for p in params]

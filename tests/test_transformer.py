@@ -14,14 +14,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils.data import DataLoader, TensorDataset
 
 import distill
+from _views import CNN_PAIRS, prepare_and_snapshot, tiny_loader
 from distill import functional as DF
 from distill.adapters import ShapeMismatchError
 from distill.batch import Batch
 from distill.methods import TaT, create_method, method_info
-from distill.models import create
 
 SETTINGS = settings(max_examples=30, deadline=None)
 seeds = st.integers(0, 10_000)
@@ -188,26 +187,18 @@ def test_teacher_query_allows_different_spatial_sizes_student_query_does_not():
 
 # ---------------------------------------------------------------------------- end to end
 
-PAIRS = {
-    "cnn": (lambda: create("cnn", widths=(4, 8, 8)), lambda: create("cnn", widths=(8, 16, 16))),
-    "digits": (lambda: create("cnn_digits_student"), lambda: create("cnn_digits_teacher")),
-}
+PAIRS = CNN_PAIRS
 
 
 @pytest.mark.parametrize("pair", sorted(PAIRS))
 def test_end_to_end_fit_through_the_distiller(pair, tmp_path):
     torch.manual_seed(0)
-    make_s, make_t = PAIRS[pair]
-    student, teacher = make_s(), make_t()
+    student, teacher = PAIRS[pair]()
     teacher_params = [p.detach().clone() for p in teacher.parameters()]
     method = create_method("tat")
     d = distill.Distiller(student, teacher, losses={"ce": 1.0, "tat": method})
-    x, y = torch.randn(16, 1, 8, 8), torch.arange(16) % 10
-    loader = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True, drop_last=True)
-    d.prepare(next(iter(loader)))
-    method_params = list(method.parameters())
-    assert method_params and all(any(p is q for q in d.trainable_parameters()) for p in method_params)
-    before = [p.detach().clone() for p in method_params]
+    x, y, loader = tiny_loader()
+    method_params, before = prepare_and_snapshot(d, method, loader)
     res = distill.fit(d, loader, loader, epochs=1, lr=0.01, schedule="constant", run_dir=tmp_path, progress=False)
     assert len(res.history) == 1
     assert any(not torch.equal(a, p) for a, p in zip(before, method_params))

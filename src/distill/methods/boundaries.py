@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from distill import functional as DF
 from distill.adapters import ShapeMismatchError, build_adapter
 from distill.batch import Batch, View
-from distill.methods._views import tap as _tap
+from distill.methods._views import tap as _tap, tap_pairs
 from distill.methods.base import Method, Paper, register
 
 _STAGES = (("stage1.pre", "stage1.pre"), ("stage2.pre", "stage2.pre"), ("stage3.pre", "stage3.pre"))
@@ -52,9 +52,7 @@ class _ConnectedPairs(Method):
     def __init__(self, pairs: Sequence[tuple[str, str]], layer_weights: Sequence[float] | None, adapter: str,
                  weight: float, warmup_epochs: int) -> None:
         super().__init__(weight=weight, warmup_epochs=warmup_epochs)
-        self.pairs = [(str(s), str(t)) for s, t in pairs]
-        if not self.pairs:
-            raise ValueError(f"{type(self).__name__} needs at least one (student_tap, teacher_tap) pair")
+        self.pairs = tap_pairs(pairs, type(self).__name__)
         self.layer_weights = None if layer_weights is None else tuple(float(w) for w in layer_weights)
         if self.layer_weights is not None and len(self.layer_weights) != len(self.pairs):
             raise ValueError(f"layer_weights has {len(self.layer_weights)} entries for {len(self.pairs)} pairs")

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from distill import functional as DF
 from distill.adapters import ShapeMismatchError, build_adapter, match_spatial
 from distill.batch import Batch, View
-from distill.methods._views import tap as _tap
+from distill.methods._views import tap as _tap, tap_pairs
 from distill.methods.base import Method, Paper, register
 
 
@@ -107,9 +107,7 @@ class AT(Method):
         warmup_epochs: int = 0,
     ) -> None:
         super().__init__(weight=weight, warmup_epochs=warmup_epochs)
-        self.pairs = [(str(s), str(t)) for s, t in pairs]
-        if not self.pairs:
-            raise ValueError("AT needs at least one (student_tap, teacher_tap) pair")
+        self.pairs = tap_pairs(pairs, "AT")
         if p <= 0:
             raise ValueError(f"p must be > 0, got {p}")
         self.p, self.beta = float(p), float(beta)

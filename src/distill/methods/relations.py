@@ -16,7 +16,13 @@ from torch import Tensor, nn
 from distill import functional as DF
 from distill.adapters import build_adapter, match_spatial
 from distill.batch import Batch, View
-from distill.methods._views import tap as _tap, tap_pairs as _pairs, check_batch as _check_batch, check_maps as _check_maps, module_key as _key
+from distill.methods._views import (
+    check_batch as _check_batch,
+    check_maps as _check_maps,
+    module_key as _key,
+    tap as _tap,
+    tap_pairs as _pairs,
+)
 from distill.methods.base import Method, Paper, register
 
 

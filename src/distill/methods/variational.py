@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from distill import functional as DF
 from distill.adapters import ShapeMismatchError, match_spatial
 from distill.batch import Batch, View
-from distill.methods._views import tap as _tap, module_key as _key
+from distill.methods._views import tap as _tap, module_key as _key, tap_pairs
 from distill.methods.base import Method, Paper, register
 
 
@@ -105,9 +105,7 @@ class VID(Method):
         warmup_epochs: int = 0,
     ) -> None:
         super().__init__(weight=weight, warmup_epochs=warmup_epochs)
-        self.pairs = [(str(s), str(t)) for s, t in pairs]
-        if not self.pairs:
-            raise ValueError("VID needs at least one (student_tap, teacher_tap) pair")
+        self.pairs = tap_pairs(pairs, "VID")
         if eps <= 0:
             raise ValueError(f"eps must be > 0, got {eps}")
         if init_pred_var <= eps:
