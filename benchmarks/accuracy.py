@@ -7,21 +7,26 @@ weight from ``METHOD_LOSSES`` below), over several seeds, on a subset of the tra
 Prints a table of mean ± std of last- and best-epoch top-1 and agreement with the teacher,
 the scratch baseline beside them, and writes it into docs/benchmarks.md with --write-docs.
 
-    python benchmarks/accuracy.py [--data fashion_mnist] [--seeds 3] [--epochs 6]
-        [--teacher-epochs 8] [--train-subset 12000] [--methods kd dkd ...] [--write-docs]
+    python benchmarks/accuracy.py [--data fashion_mnist] [--seeds 3] [--epochs 5] [--teacher-epochs 3]
+        [--train-subset 4000] [--val-subset 5000] [--workers 2] [--methods kd dkd ...] [--write-docs]
+
+Runs go to ``--workers`` processes with one thread each (on small models two single-thread
+processes beat one two-thread process). Special protocols: FitNets, AB, FSP and FT start with
+their first stage (1 epoch; ``STAGES``), KCD runs through ``fit_condensed``, SimKD trains with its
+loss alone and is evaluated through the teacher's classifier.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import multiprocessing
 import time
 from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
 
 import torch
-
 from _common import write_section
 
 import distill
@@ -30,6 +35,9 @@ from distill.data.loader import InMemoryLoader
 from distill.methods import create_method, list_methods
 from distill.models import create
 from distill.report import aggregate, read_run, table_markdown
+from distill.strategies.condense import fit_condensed
+
+CNN_STAGES = [["stem", "stage1"], "stage2", "stage3", ["avgpool", "pool", "dropout", "fc"]]
 
 # CE + this method; weights scaled for 28x28 inputs where the paper's normalisation makes the
 # raw loss large (see docs/methods.md). Methods not listed run as {"ce": 1, name: {}}.
@@ -42,83 +50,142 @@ METHOD_LOSSES: dict[str, dict[str, Any]] = {
     "sp": {"ce": 1.0, "sp": {"weight": 3000.0}},
     "pkt": {"ce": 1.0, "pkt": {"weight": 30000.0 / 128}},
     "nst": {"ce": 1.0, "nst": {"weight": 50.0}},
+    # FSP initialises (its stage below) and is then off, as the paper does; lambda_i = 1/(C1*C2) of the
+    # teacher's pair (stem 32 x stage1 64, stage1 64 x stage2 128) is RepDistiller's element mean
+    "fsp": {"ce": 1.0, "fsp": {"weight": 0.0, "lambdas": [1.0 / (32 * 64), 1.0 / (64 * 128)]}},
+    "kcd": {"ce": 0.1, "kcd": {"weight": 0.9}},  # the reference protocol's CE 0.1 + KD 0.9
+    "simkd": {"simkd": {}},  # the paper trains with its loss alone; fit evaluates through the teacher's fc
+    "ab": {"ce": 1.0, "ab": {"weight": 0.0}},  # AB initialises (its stage below), then CE alone
+    # the 4x4 last maps of these CNNs: 2x2 patches in groups of 2, 2x2 anchors
+    "tat_hierarchical": {"ce": 1.0, "tat_hierarchical": {"patch_size": 2, "group_size": 2, "anchor_kernel": 2}},
+    # the small CNN's stages for the multi-path network (its head has dropout, no "head" module)
+    "spot_adaptive": {"ce": 1.0, "spot_adaptive": {
+        "student_stages": CNN_STAGES, "teacher_stages": CNN_STAGES}},
 }
-# methods that cannot run in this plain protocol (they need a stage, labels or data-set size)
+# a first stage before the main fit, as the papers do: (stage name, epochs)
+STAGES: dict[str, tuple[str, int]] = {"fitnet": ("fitnet", 1), "ab": ("ab", 1), "fsp": ("fsp", 1),
+                                      "ft": ("ft_paraphraser", 1)}
+# methods that are not a student's training loss on their own (a stage of another method, or plain CE)
 SKIP = {"ce", "ft_paraphraser"}
+
+
+def _losses(name: str, num_samples: int) -> dict[str, Any]:
+    losses = {}
+    for loss_name, kw in METHOD_LOSSES.get(name, {"ce": 1.0, name: {}}).items():
+        kw = {"weight": kw} if isinstance(kw, float) else dict(kw)
+        if loss_name == "crd":
+            kw.setdefault("num_samples", num_samples)
+        losses[loss_name] = create_method(loss_name, **kw)
+    return losses
+
+
+def _job(job: dict[str, Any]) -> dict[str, Any]:
+    """One (method, seed) run, in a worker process with one thread; returns its summary or its error."""
+    import json
+
+    torch.set_num_threads(1)
+    name, seed, a = job["name"], job["seed"], job["args"]
+    x, y, val_x, val_y = torch.load(job["data"])
+    teacher = create("cnn_teacher_mnist")
+    teacher.load_state_dict(torch.load(job["teacher"]))
+    aug = RandomCropPad(2)
+    val = InMemoryLoader(val_x, val_y, 1000, shuffle=False)
+    loader = InMemoryLoader(x, y, a["batch_size"], augment=aug, seed=seed, return_index=True)
+    fit_args = dict(FIT_ARGS)
+    torch.manual_seed(seed)
+    d = distill.Distiller(create("cnn_student_mnist"), teacher, _losses(name, len(x)))
+    run_dir = Path(job["run_dir"])
+    t0 = time.perf_counter()
+    try:
+        with redirect_stdout(io.StringIO()):
+            if name in STAGES:
+                stage, stage_epochs = STAGES[name]
+                distill.fit_hint_stage(d, loader, method=stage, epochs=stage_epochs, seed=seed,
+                                       run_dir=run_dir / "stage", **fit_args)
+            if name == "kcd":  # knowledge condensation: the data set shrinks every 2 epochs towards 70%
+                res = fit_condensed(d, (x, y), val, epochs=a["epochs"], condense_every=2, keep_ratio=0.7,
+                                    batch_size=a["batch_size"], augment=aug, seed=seed, run_dir=run_dir, **fit_args)
+            else:
+                res = distill.fit(d, loader, val, epochs=a["epochs"], run_dir=run_dir, seed=seed, **fit_args)
+    except Exception as e:  # noqa: BLE001 - a method that cannot run here is reported, not hidden
+        return {"name": name, "seed": seed, "error": f"{type(e).__name__}: {e}"}
+    last = res.history[-1]
+    summary = {"name": name, "group": name, "kind": "distill", "seed": seed, "epochs": a["epochs"],
+               "last_acc": res.last_acc, "best_acc": res.best_acc, "best_epoch": res.best_epoch,
+               "agreement": last.get("val_agreement"), "kl_to_teacher": last.get("val_kl_to_teacher"),
+               "teacher_acc": job["teacher_acc"], "time_s": time.perf_counter() - t0,
+               "losses": METHOD_LOSSES.get(name, {"ce": 1.0, name: {}})}
+    (run_dir / "summary.json").write_text(json.dumps(summary, default=str))
+    return summary
+
+
+FIT_ARGS: dict[str, Any] = {"optimizer": "sgd", "lr": 0.05, "schedule": "cosine", "progress": False, "eval_teacher": True}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="fashion_mnist", choices=["fashion_mnist", "mnist"])
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--epochs", type=int, default=6)
-    ap.add_argument("--teacher-epochs", type=int, default=8)
-    ap.add_argument("--train-subset", type=int, default=12000)
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--teacher-epochs", type=int, default=3)
+    ap.add_argument("--teacher-subset", type=int, default=30000, help="training images the teacher sees")
+    ap.add_argument("--train-subset", type=int, default=4000, help="training images each student sees")
+    ap.add_argument("--val-subset", type=int, default=5000, help="test images evaluated each epoch")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--methods", nargs="+", default=None)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=2, help="runs in parallel, one thread each")
     ap.add_argument("--out", default="runs/accuracy")
     ap.add_argument("--write-docs", action="store_true")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(max(1, args.workers))
     t_start = time.perf_counter()
 
     train, test = get_dataset(args.data, split="train"), get_dataset(args.data, split="test")
     x, y = train.inputs[: args.train_subset], train.targets[: args.train_subset]
-    val = InMemoryLoader(test.inputs, test.targets, 1000, shuffle=False)
-    aug = RandomCropPad(2)
-    fit_args = dict(optimizer="sgd", lr=0.05, schedule="cosine", progress=False, eval_teacher=True)
+    val_x, val_y = test.inputs[: args.val_subset], test.targets[: args.val_subset]
+    val = InMemoryLoader(val_x, val_y, 1000, shuffle=False)
 
     out = Path(args.out) / args.data
+    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     teacher = create("cnn_teacher_mnist")
     r = distill.fit(distill.Distiller(teacher, None, {"ce": 1.0}),
-                    InMemoryLoader(train.inputs, train.targets, args.batch_size, augment=aug, seed=0),
-                    val, epochs=args.teacher_epochs, run_dir=out / "teacher", **fit_args)
+                    InMemoryLoader(train.inputs[: args.teacher_subset], train.targets[: args.teacher_subset],
+                                   args.batch_size, augment=RandomCropPad(2), seed=0),
+                    val, epochs=args.teacher_epochs, run_dir=out / "teacher", **FIT_ARGS)
     teacher_acc = r.last_acc
+    torch.save(teacher.state_dict(), out / "teacher.pt")
+    torch.save((x, y, val_x, val_y), out / "data.pt")
+    print(f"teacher {teacher_acc:.2f}% ({time.perf_counter() - t_start:.0f} s)", flush=True)
 
     names = args.methods or ["scratch"] + [i.name for i in list_methods() if i.name not in SKIP]
     if "scratch" not in names:
         names = ["scratch", *names]
-    runs = []
-    for name in names:
-        losses_spec = METHOD_LOSSES.get(name, {"ce": 1.0, name: {}})
-        for seed in range(args.seeds):
-            loader = InMemoryLoader(x, y, args.batch_size, augment=aug, seed=seed, return_index=True)
-            losses = {}
-            for loss_name, kw in losses_spec.items():
-                kw = {"weight": kw} if isinstance(kw, float) else dict(kw)
-                if loss_name == "crd":
-                    kw.setdefault("num_samples", len(x))
-                losses[loss_name] = create_method(loss_name, **kw)
-            torch.manual_seed(seed)
-            d = distill.Distiller(create("cnn_student_mnist"), teacher, losses)
-            run_dir = out / "runs" / f"{name}-seed{seed}"
-            t0 = time.perf_counter()
-            try:
-                res = distill.fit(d, loader, val, epochs=args.epochs, run_dir=run_dir, seed=seed, **fit_args)
-            except Exception as e:  # a method that cannot run here is reported, not hidden
-                print(f"{name} seed {seed}: FAILED: {type(e).__name__}: {e}")
+    jobs = [{"name": n, "seed": s, "args": vars(args), "teacher": str(out / "teacher.pt"), "data": str(out / "data.pt"),
+             "teacher_acc": teacher_acc, "run_dir": str(out / "runs" / f"{n}-seed{s}")}
+            for n in names for s in range(args.seeds)]
+    runs, failed = [], []
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(args.workers, maxtasksperchild=8) as pool:
+        for res in pool.imap_unordered(_job, jobs):
+            if "error" in res:
+                failed.append(res)
+                print(f"{res['name']} seed {res['seed']}: FAILED: {res['error']}", flush=True)
                 continue
-            last = res.history[-1]
-            summary = {"name": name, "group": name, "kind": "distill", "seed": seed, "epochs": args.epochs,
-                       "last_acc": res.last_acc, "best_acc": res.best_acc, "best_epoch": res.best_epoch,
-                       "agreement": last.get("val_agreement"), "kl_to_teacher": last.get("val_kl_to_teacher"),
-                       "teacher_acc": teacher_acc, "time_s": time.perf_counter() - t0, "losses": losses_spec}
-            import json
-
-            (run_dir / "summary.json").write_text(json.dumps(summary, default=str))
-            runs.append(read_run(run_dir))
-            print(f"{name} seed {seed}: {res.last_acc:.2f}% ({time.perf_counter() - t0:.0f} s)", flush=True)
+            runs.append(read_run(Path(out / "runs" / f"{res['name']}-seed{res['seed']}")))
+            print(f"{res['name']} seed {res['seed']}: {res['last_acc']:.2f}% ({res['time_s']:.0f} s)", flush=True)
 
     buf = io.StringIO()
     with redirect_stdout(buf):
-        print(f"{args.data}: teacher cnn_teacher_mnist {teacher_acc:.2f}% ({args.teacher_epochs} epochs, full train set); "
-              f"student cnn_student_mnist, {args.epochs} epochs on the first {len(x)} training images, "
-              f"SGD lr 0.05 cosine, batch {args.batch_size}, crop 2; {args.seeds} seeds; "
-              f"test set {len(test)} images; total {time.perf_counter() - t_start:.0f} s")
+        print(f"{args.data}: teacher cnn_teacher_mnist {teacher_acc:.2f}% ({args.teacher_epochs} epochs on "
+              f"{min(args.teacher_subset, len(train))} training images); student cnn_student_mnist, {args.epochs} "
+              f"epochs on the first {len(x)} training images, SGD lr 0.05 cosine, batch {args.batch_size}, crop 2; "
+              f"{args.seeds} seeds; evaluated on the first {len(val_x)} test images; {args.workers} runs in parallel, "
+              f"one thread each; total {time.perf_counter() - t_start:.0f} s")
         print()
         print(table_markdown(aggregate(runs), baseline="scratch"))
+        for f in failed:
+            print(f"\n{f['name']} seed {f['seed']} failed: {f['error']}")
     print(buf.getvalue())
     if args.write_docs:
         write_section(f"accuracy-{args.data}", buf.getvalue())

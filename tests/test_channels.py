@@ -46,7 +46,7 @@ def test_registered_with_paper_family_and_defaults():
     assert method_info("cwd").defaults["tau"] == 4.0
     assert method_info("cwd").defaults["pairs"] == (("stage3", "stage3"),)
     d = method_info("mgd").defaults
-    assert (d["alpha"], d["mask_ratio"]) == (7e-5, 0.5)
+    assert (d["alpha"], d["mask_ratio"], d["mask"]) == (7e-5, 0.5, "spatial")
     assert method_info("simkd").defaults["factor"] == 2
     assert method_info("simkd").defaults["teacher_classifier"] is None
     d = method_info("semckd").defaults
@@ -104,6 +104,24 @@ def test_mgd_mask_ratio_reproducible_and_shared_over_channels():
     assert DF.mgd_mask(2, 3, 3, 1.0).max().item() == 0.0
     with pytest.raises(ValueError):
         DF.mgd_mask(2, 3, 3, 1.5)
+
+
+def test_mgd_channel_mask_masks_whole_channels_per_sample():
+    m1 = DF.mgd_channel_mask(64, 32, 0.15, torch.Generator().manual_seed(3))
+    assert m1.shape == (64, 32, 1, 1)
+    assert torch.equal(m1, DF.mgd_channel_mask(64, 32, 0.15, torch.Generator().manual_seed(3)))
+    assert set(m1.unique().tolist()) <= {0.0, 1.0}
+    assert (1 - m1.mean().item()) == pytest.approx(0.15, abs=0.03)  # fraction of channels masked ≈ λ
+    # broadcast on a map, a masked channel is zero at every position, a kept one untouched
+    x = torch.rand(64, 32, 3, 3) + 1.0
+    y = x * m1
+    for b, c in ((0, 0), (5, 7), (63, 31)):
+        if m1[b, c, 0, 0] == 0:
+            assert y[b, c].abs().max().item() == 0.0
+        else:
+            assert torch.equal(y[b, c], x[b, c])
+    with pytest.raises(ValueError, match="ratio"):
+        DF.mgd_channel_mask(2, 3, -0.1)
 
 
 def test_mgd_loss_matches_loops_and_properties():
@@ -223,8 +241,13 @@ def test_cwd_method_matches_functional_identity_for_equal_channels_and_sums_pair
     same.prepare(t, t, batch)
     assert isinstance(same.align[0], torch.nn.Identity)
     assert same(t, t, batch).item() == pytest.approx(0.0, abs=1e-7)
+    # a 4x4 student map against a 2x2 teacher map: the aligner also resamples (stride-2 conv)
+    down = CWD(pairs=[("stage2", "stage3")])
+    down.prepare(student, teacher, batch)
+    assert down.align[0].stride == (2, 2) and down.align[0](student["stage2"]).shape == teacher["stage3"].shape
+    odd = dict(student, stage2=torch.randn(B, 6, 3, 3))  # 3x3 -> 4x4: no integer factor
     with pytest.raises(ShapeMismatchError, match="spatial"):
-        CWD(pairs=[("stage2", "stage3")]).prepare(student, teacher, batch)
+        CWD(pairs=[("stage2", "stage2")]).prepare(odd, teacher, batch)
 
 
 def test_mgd_method_matches_functional_with_a_fixed_mask_and_draws_fresh_masks_only_in_training():
@@ -255,6 +278,19 @@ def test_mgd_method_matches_functional_with_a_fixed_mask_and_draws_fresh_masks_o
             conv.weight[range(16), range(16), 1, 1] = 1.0  # identity 3x3 kernels
     tt["stage3"] = tt["stage3"].relu()  # the ReLU between the convs keeps non-negative maps
     assert m2(tt, tt, batch).item() == pytest.approx(0.0, abs=1e-10)
+
+
+def test_mgd_channel_mask_option_matches_functional():
+    student, teacher, batch = make_views(2)
+    m = MGD(seed=7, mask_ratio=0.15, mask="channel", alpha=1.0)
+    m.prepare(student, teacher, batch)
+    s, t = student["stage3"], teacher["stage3"]
+    mask = DF.mgd_channel_mask(B, t.shape[1], 0.15, torch.Generator().manual_seed(7))
+    want = DF.mgd_loss(m.generation(m.align(s) * mask), t)
+    assert torch.allclose(m(student, teacher, batch), want)
+    assert "mask=channel" in repr(m)
+    with pytest.raises(ValueError, match="mask"):
+        MGD(mask="pixel")
 
 
 def test_simkd_projector_loss_and_classifier_checks():

@@ -94,7 +94,11 @@ def test_recipes_accept_cifar(tmp_path: Path) -> None:
     assert recipe.data.name == "cifar100"
 
 
-def test_a_cifar100_recipe_runs_end_to_end_on_generated_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+# kd: the plain case; ofd (margins found from the teacher's BNs), ft (the paraphraser stage) and simkd
+# (evaluated through the teacher's classifier) need the models, which recipes reach through bind_models
+@pytest.mark.parametrize("method", ["kd", "ofd", "ft", "simkd"])
+def test_a_cifar100_recipe_runs_end_to_end_on_generated_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              method: str) -> None:
     """The shipped recipe, shrunk (1 epoch, tiny models), on files in the official format."""
     import yaml
 
@@ -103,11 +107,13 @@ def test_a_cifar100_recipe_runs_end_to_end_on_generated_files(tmp_path: Path, mo
     make_cifar100(tmp_path / "data", n_train=16, n_test=8)
     monkeypatch.setenv("DISTILL_CIFAR100", str(tmp_path / "data"))
     shipped = yaml.safe_load((Path(__file__).parent.parent / "recipes" / "cifar100" /
-                              "kd_resnet32x4_resnet8x4.yaml").read_text())
+                              f"{method}_resnet32x4_resnet8x4.yaml").read_text())
     one_epoch = {"epochs": 1, "milestones": [1]}
     shipped["student"] = {"name": "resnet8"}
     shipped["teacher"] = {"model": {"name": "resnet8"}, "train": {**shipped["train"], **one_epoch}}
     shipped["train"].update(one_epoch)
+    if "hint_stage" in shipped:
+        shipped["hint_stage"]["train"].update(one_epoch)
     shipped["seeds"] = [0]
     shipped["data"]["batch_size"] = 8
     dirs = run_recipe(parse_recipe(shipped), out_dir=tmp_path / "runs", progress=False)
@@ -116,6 +122,8 @@ def test_a_cifar100_recipe_runs_end_to_end_on_generated_files(tmp_path: Path, mo
     summary = json.loads((dirs[0] / "summary.json").read_text())
     assert summary["data"]["num_classes"] == 100 and summary["data"]["in_channels"] == 3
     assert summary["last_acc"] is not None and summary["teacher_acc"] is not None
+    if "hint_stage" in shipped:
+        assert (dirs[0] / "hint_stage" / "metrics.jsonl").is_file()
 
 
 def test_every_cifar100_recipe_names_a_shipped_teacher_recipe() -> None:

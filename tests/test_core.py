@@ -330,12 +330,49 @@ def test_build_adapter_conv1x1_bn_for_maps():
 
 
 def test_build_adapter_spatial_mismatch_names_both():
-    s, t = torch.randn(2, 4, 8, 8), torch.randn(2, 16, 4, 4)
+    # a smaller student map by a non-integer factor (4 -> 6) cannot be bridged
+    s, t = torch.randn(2, 4, 4, 4), torch.randn(2, 16, 6, 6)
     with pytest.raises(ShapeMismatchError) as ei:
         build_adapter(s, t, student_name="student:stage1", teacher_name="teacher:stage3")
     msg = str(ei.value)
-    for piece in ("student:stage1", "teacher:stage3", "(2, 4, 8, 8)", "(2, 16, 4, 4)"):
+    for piece in ("student:stage1", "teacher:stage3", "(2, 4, 4, 4)", "(2, 16, 6, 6)"):
         assert piece in msg
+    with pytest.raises(ShapeMismatchError, match="same direction"):  # one axis up, the other down
+        build_adapter(torch.randn(2, 4, 8, 4), torch.randn(2, 16, 4, 8))
+
+
+@pytest.mark.parametrize(
+    "hw_s, hw_t, op, kernel, stride, padding",
+    [
+        ((8, 8), (4, 4), nn.Conv2d, (3, 3), (2, 2), (1, 1)),            # RepDistiller ConvReg, 2x down
+        ((4, 4), (8, 8), nn.ConvTranspose2d, (4, 4), (2, 2), (1, 1)),   # ConvReg, 2x up
+        ((12, 12), (4, 4), nn.Conv2d, (5, 5), (3, 3), (2, 2)),          # 3x down: kernel 2f-1, pad f-1
+        ((4, 4), (12, 12), nn.ConvTranspose2d, (3, 3), (3, 3), (0, 0)),  # 3x up (odd): kernel = stride
+        ((7, 7), (5, 5), nn.Conv2d, (3, 3), (1, 1), (0, 0)),            # FitNets valid conv: 7-5+1
+        ((8, 6), (4, 6), nn.Conv2d, (3, 1), (2, 1), (1, 0)),            # one axis only
+    ],
+)
+def test_build_adapter_bridges_resolution(hw_s, hw_t, op, kernel, stride, padding):
+    s, t = torch.randn(2, 4, *hw_s), torch.randn(2, 6, *hw_t)
+    a = build_adapter(s, t, kind="conv1x1_bn")
+    convs = [m for m in a.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    assert len(convs) == 1 and type(convs[0]) is op
+    assert (convs[0].kernel_size, convs[0].stride, convs[0].padding) == (kernel, stride, padding)
+    assert isinstance(a[1], nn.BatchNorm2d)
+    assert a(s).shape == t.shape
+
+
+def test_resampling_adapter_downsamples_like_a_strided_convolution():
+    # independent check of the 2x-down regressor: output pixel (i, j) sees input rows 2i-1..2i+1
+    torch.manual_seed(0)
+    s = torch.randn(1, 1, 4, 4)
+    conv = build_adapter(s, torch.randn(1, 1, 2, 2), kind="conv1x1")
+    w, b = conv.weight[0, 0].detach(), conv.bias[0].detach()
+    padded = torch.zeros(6, 6)
+    padded[1:5, 1:5] = s[0, 0]
+    expected = torch.tensor([[float((padded[2 * i:2 * i + 3, 2 * j:2 * j + 3] * w).sum() + b) for j in range(2)]
+                             for i in range(2)])
+    torch.testing.assert_close(conv(s)[0, 0], expected)
 
 
 def test_build_adapter_rank_mismatch_names_both():
@@ -366,11 +403,11 @@ def test_match_spatial():
 
 def test_fitnet_prepare_shape_error_names_taps():
     d = Distiller(_cnn(), _cnn(widths=(8, 16, 16), seed=1),
-                  losses={"fitnet": FitNet(student_tap="stage1", teacher_tap="stage3")})
+                  losses={"fitnet": FitNet(student_tap="pool", teacher_tap="stage3")})  # vector -> map
     x, y = _images()
     with pytest.raises(ShapeMismatchError) as ei:
         d.prepare((x, y))
-    assert "student:stage1" in str(ei.value) and "teacher:stage3" in str(ei.value)
+    assert "student:pool" in str(ei.value) and "teacher:stage3" in str(ei.value)
 
 
 # ------------------------------------------------------------------------------------ Distiller

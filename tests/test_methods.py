@@ -256,7 +256,7 @@ def test_fitnet_loss_is_half_squared_distance_of_regressed_student():
 
 
 def test_fitnet_impossible_shapes_name_both_taps():
-    student, teacher, batch = make_views(s_sizes=(16, 8, 4), t_sizes=(16, 4, 2))
+    student, teacher, batch = make_views(s_sizes=(16, 8, 4), t_sizes=(16, 12, 2))  # 8 -> 12: no adapter
     m = create_method("fitnet", student_tap="stage2", teacher_tap="stage2")
     with pytest.raises(ShapeMismatchError) as err:
         m.prepare(student, teacher, batch)

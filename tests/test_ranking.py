@@ -40,17 +40,17 @@ def np_edge(f, squared=False, normalize=True):
     return a / a.max() if normalize else a
 
 
-def np_irg(vs, vt, fs_list, ft_list, s_pair, t_pair, lv, le, lt):
+def np_irg(vs, vt, fs_list, ft_list, s_pair, t_pair, lv, le, lt, squared=True):
     b = vs.shape[0]
     vert = sum((vs[i, k] - vt[i, k]) ** 2 for i in range(b) for k in range(vs.shape[1])) / vs.size
     edge = 0.0
     for fs, ft in zip(fs_list, ft_list):
-        es, et = np_edge(fs), np_edge(ft)
+        es, et = np_edge(fs, squared), np_edge(ft, squared)
         edge += sum((et[i, j] - es[i, j]) ** 2 for i in range(b) for j in range(b)) / b**2
 
     def trans(f1, f2):  # here f1 is a (B, C, H, W) map, f2 a (B, C) vector: global average pool
         g1 = f1.mean(axis=(2, 3))
-        d = np.array([np_dist(g1[i], f2[i]) for i in range(b)])
+        d = np.array([np_dist(g1[i], f2[i], squared) for i in range(b)])
         return d / d.max()
 
     ts, tt = trans(*s_pair), trans(*t_pair)
@@ -112,6 +112,7 @@ def test_registered_with_paper_and_defaults():
     assert irg.defaults["student_taps"] == ("stage3", "pool") and irg.defaults["vertex_tap"] == "logits"
     assert (irg.defaults["vertex_weight"], irg.defaults["edge_weight"], irg.defaults["transformation_weight"]) == (
         0.1, 5.0, 5.0)
+    assert irg.defaults["squared"] is True and irg.defaults["normalize"] is True  # the authors' Caffe layers
     dr = method_info("darkrank")
     assert dr.family == "relations" and dr.paper.arxiv == "1707.01220" and dr.paper.venue == "AAAI"
     assert dr.paper.year == 2018
@@ -138,10 +139,13 @@ def test_irg_loss_matches_loops():
     vs, vt = rand(2, b, 5), rand(3, b, 5)
     fs3, ft3 = rand(4, b, 3, 2, 2), rand(5, b, 6, 2, 2)
     ps, pt = rand(6, b, 3), rand(7, b, 6)
+    args = ([fs3.numpy(), ps.numpy()], [ft3.numpy(), pt.numpy()], (fs3.numpy(), ps.numpy()), (ft3.numpy(), pt.numpy()))
     got = DF.irg_loss(vs, vt, [fs3, ps], [ft3, pt], (fs3, ps), (ft3, pt), 0.1, 5.0, 5.0).item()
-    want = np_irg(vs.numpy(), vt.numpy(), [fs3.numpy(), ps.numpy()], [ft3.numpy(), pt.numpy()],
-                  (fs3.numpy(), ps.numpy()), (ft3.numpy(), pt.numpy()), 0.1, 5.0, 5.0)
-    assert got == pytest.approx(want, rel=1e-10)
+    # the default is the authors' squared, max-normalised distances
+    assert got == pytest.approx(np_irg(vs.numpy(), vt.numpy(), *args, 0.1, 5.0, 5.0), rel=1e-10)
+    plain = DF.irg_loss(vs, vt, [fs3, ps], [ft3, pt], (fs3, ps), (ft3, pt), 0.1, 5.0, 5.0, squared=False).item()
+    assert plain == pytest.approx(np_irg(vs.numpy(), vt.numpy(), *args, 0.1, 5.0, 5.0, squared=False), rel=1e-10)
+    assert plain != pytest.approx(got, rel=1e-3)
     # the parts add up
     parts = (0.1 * DF.irg_vertex_loss(vs, vt) + 5.0 * DF.irg_edge_loss([fs3, ps], [ft3, pt])
              + 5.0 * DF.irg_transformation_loss((fs3, ps), (ft3, pt)))

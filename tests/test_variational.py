@@ -76,7 +76,7 @@ def test_registered_with_paper_family_and_defaults():
                                                       ("stage3", "stage3")),
                                             "init_pred_var": 5.0, "eps": 1e-5, "reduction": "sum", "weight": 1.0}),
         "ft": ("1802.04977", 2018, "NeurIPS", {"student_tap": "stage3", "teacher_tap": "stage3", "factor_rate": 0.5,
-                                              "p": 1.0, "weight": 200.0}),
+                                              "p": 1.0, "reduction": "mean", "weight": 500.0}),
         "ft_paraphraser": ("1802.04977", 2018, "NeurIPS", {"teacher_tap": "stage3", "factor_rate": 0.5,
                                                           "reduction": "sum", "weight": 1.0}),
     }
@@ -154,6 +154,24 @@ def test_ft_factor_loss_matches_loops():
     for p in (1.0, 2.0, 3.0):
         assert DF.ft_factor_loss(fs, ft, p).item() == pytest.approx(np_ft(fs.numpy(), ft.numpy(), p), rel=1e-10)
     assert DF.ft_factor_loss(fs, ft).item() == pytest.approx(np_ft(fs.numpy(), ft.numpy(), 1.0), rel=1e-10)
+
+
+def test_ft_factor_loss_mean_reduction_is_the_authors_l1loss():
+    fs, ft = rand(9, 3, 2, 2, 3), rand(10, 3, 2, 2, 3)
+    # the authors' code: nn.L1Loss() on F.normalize(x.view(B, -1)), written out element by element
+    a, b = fs.numpy().reshape(3, -1), ft.numpy().reshape(3, -1)
+    total = 0.0
+    for n in range(3):
+        u = a[n] / math.sqrt(float(np.dot(a[n], a[n])))
+        v = b[n] / math.sqrt(float(np.dot(b[n], b[n])))
+        total += sum(abs(x - y) for x, y in zip(u, v))
+    assert DF.ft_factor_loss(fs, ft, 1.0, "mean").item() == pytest.approx(total / a.size, rel=1e-10)
+    d = a.shape[1]
+    for p in (2.0, 3.0):  # the p-norm of the per-element mean: the "sum" value / D^(1/p)
+        want = np_ft(fs.numpy(), ft.numpy(), p) / d ** (1.0 / p)
+        assert DF.ft_factor_loss(fs, ft, p, "mean").item() == pytest.approx(want, rel=1e-10)
+    with pytest.raises(ValueError, match="reduction"):
+        DF.ft_factor_loss(fs, ft, 1.0, "none")
 
 
 def test_ft_factor_loss_differs_from_repdistillers_attention_style_factor():
@@ -271,7 +289,7 @@ def test_vid_pools_the_larger_map_handles_vectors_and_names_both_taps():
 def test_ft_forward_equals_functional_and_never_trains_the_paraphraser():
     student, teacher, batch = make_views(1)
     ft = create_method("ft")
-    assert ft.weight == 200.0
+    assert ft.weight == 500.0 and ft.reduction == "mean"  # the authors' BETA and nn.L1Loss
     with pytest.raises(RuntimeError, match="prepare"):
         ft(student, teacher, batch)
     with torch.no_grad():
@@ -284,7 +302,12 @@ def test_ft_forward_equals_functional_and_never_trains_the_paraphraser():
     with torch.no_grad():
         ftt = ft.paraphraser.encoder(teacher["stage3"])
     assert fs.shape == ftt.shape == (B, 8, 2, 2)
-    assert loss.item() == pytest.approx(DF.ft_factor_loss(fs, ftt, 1.0).item(), rel=1e-6)
+    assert loss.item() == pytest.approx(DF.ft_factor_loss(fs, ftt, 1.0, "mean").item(), rel=1e-6)
+    ft.reduction = "sum"  # the paper's per-sample norm: D = 8*2*2 times the element mean
+    assert ft(student, teacher, batch).item() == pytest.approx(32 * loss.item(), rel=1e-5)
+    ft.reduction = "mean"
+    with pytest.raises(ValueError, match="reduction"):
+        FT(reduction="none")
     loss.backward()
     assert student["stage3"].grad is not None and student["stage3"].grad.abs().sum() > 0
     for key, t in teacher.items():

@@ -34,17 +34,22 @@ def protocol(student: str) -> dict[str, Any]:
             "gamma": 0.1}
 
 
-def hint_pair(teacher: torch.nn.Module, student: torch.nn.Module, x: torch.Tensor) -> tuple[str, str, int]:
-    """The middle stage pair with equal spatial size (FitNets' guided/hint layers), and N = C·H·W of the hint."""
+def _shapes(model: torch.nn.Module, paths: list[str], x: torch.Tensor) -> dict[str, tuple[int, ...]]:
+    """Each tap path's output shape (without the batch axis) on the example ``x``."""
     from distill.taps import Taps
 
+    taps = Taps(model, paths)
+    with torch.no_grad(), taps.recording() as store:
+        model.eval()(x)
+    taps.remove()
+    return {p: tuple(v.shape[1:]) for p, v in store.items()}
+
+
+def hint_pair(teacher: torch.nn.Module, student: torch.nn.Module, x: torch.Tensor) -> tuple[str, str, int]:
+    """The middle stage pair with equal spatial size (FitNets' guided/hint layers), and N = C·H·W of the hint."""
+
     def shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-        paths = [p for p in model.tap_points if p.startswith("stage") and ".pre" not in p]
-        taps = Taps(model, paths)
-        with torch.no_grad(), taps.recording() as store:
-            model.eval()(x)
-        taps.remove()
-        return {p: tuple(v.shape[1:]) for p, v in store.items()}
+        return _shapes(model, [p for p in model.tap_points if p.startswith("stage") and ".pre" not in p], x)
 
     ts, ss = shapes(teacher), shapes(student)
     for t_path in ("stage2", "stage3", "stage1"):
@@ -56,7 +61,7 @@ def hint_pair(teacher: torch.nn.Module, student: torch.nn.Module, x: torch.Tenso
 
 
 def losses_for(method: str, teacher: torch.nn.Module, student: torch.nn.Module,
-               x: torch.Tensor) -> tuple[dict[str, Any], dict[str, Any] | None, str]:
+               x: torch.Tensor, s_name: str) -> tuple[dict[str, Any], dict[str, Any] | None, str]:
     """(losses, hint_stage, comment) for one method on one pair."""
     s_hint, t_hint, n = hint_pair(teacher, student, x)
     common = [f"stage{i}" for i in (1, 2, 3)]
@@ -89,9 +94,12 @@ def losses_for(method: str, teacher: torch.nn.Module, student: torch.nn.Module,
     if method == "nst":
         return {"ce": 1.0, "nst": {"weight": 50.0}}, None, "RepDistiller: -b 50 (the same MMD^2 as ours)"
     if method == "fsp":
-        return {"ce": 1.0, "fsp": {}}, {"method": "fsp", "train": {**protocol("x"), "epochs": 30,
-                                                                    "milestones": [20]}}, \
-            "the FSP paper's two stages: FSP alone first, then the task loss"
+        ch = {k: v[0] for k, v in _shapes(teacher, ["stem", "stage1", "stage2"], x).items()}
+        lambdas = [float(f"{1.0 / (ch[a] * ch[b]):.6g}") for a, b in (("stem", "stage1"), ("stage1", "stage2"))]
+        return {"ce": 1.0, "fsp": {"weight": 0.0, "lambdas": lambdas}}, \
+            {"method": "fsp", "weight": 1.0, "train": {**protocol("x"), "epochs": 30, "milestones": [20]}}, \
+            "the FSP paper's two stages: FSP alone first (lambda_i = 1/(C1*C2) of the teacher's pair: " \
+            "RepDistiller's element mean), then the task loss with FSP off (weight 0)"
     if method == "ickd":
         return {"ce": 1.0, "ickd": {"student_tap": "stage3", "teacher_tap": "stage3"}}, None, "ICKD on the last stage"
     if method == "crd":
@@ -111,14 +119,29 @@ def losses_for(method: str, teacher: torch.nn.Module, student: torch.nn.Module,
                 {"method": "ab", "weight": 0.003, "train": {**protocol("x"), "epochs": 30, "milestones": [30]}},
                 "the AB protocol: 30 epochs of AB alone (the authors' layer weights 1/4, 1/2, 1 and 3/1000), "
                 "then cross-entropy with AB off (weight 0)")
+    if method == "ofd":
+        return {"ce": 1.0, "ofd": {}}, None, \
+            "the OFD paper's CIFAR alpha = 1e-3 on pre-ReLU stages 1-3; margins from the teacher's BatchNorms"
+    if method == "ft":
+        c, h, w = _shapes(teacher, ["stage3"], x)["stage3"]
+        # RepDistiller pre-trains the paraphraser 30 epochs at lr 0.01 for ResNet/WRN students (else the
+        # run's lr) with nn.MSELoss (mean); our paraphraser loss sums over C*H*W: weight 1/(C*H*W)
+        lr = 0.01 if s_name.startswith(("resnet", "wrn")) else protocol(s_name)["lr"]
+        stage = {"method": "ft_paraphraser", "weight": float(f"{1.0 / (c * h * w):.6g}"),
+                 "train": {**protocol("x"), "lr": lr, "epochs": 30, "milestones": [30]}}
+        return {"ce": 1.0, "ft": {}}, stage, \
+            f"the FT authors' beta = 500 on the element-mean L1 of the normalised factors (our default); the " \
+            f"paraphraser is pre-trained as RepDistiller does (30 epochs, MSE mean = our per-sample sum " \
+            f"weighted 1/(C*H*W) = 1/{c * h * w})"
+    if method == "simkd":
+        return {"simkd": {}}, None, \
+            "the SimKD paper: the projector's L2 loss alone (no CE, no KD); the student predicts with the " \
+            "teacher's classifier, which fit evaluates"
     raise KeyError(method)
 
 
 METHODS = ["kd", "dkd", "dist", "fitnet", "at", "sp", "rkd", "pkt", "cc", "nst", "fsp", "ickd", "crd", "vid",
-           "cwd", "mgd", "semckd", "ab"]
-# Not generated: ofd (its margins come from the teacher's BN: OFD.from_teacher, Python API), ft (its
-# paraphraser is pre-trained on a separate Distiller), simkd (evaluated through the teacher's
-# classifier): see docs/methods.md.
+           "cwd", "mgd", "semckd", "ab", "ofd", "ft", "simkd"]
 
 
 def main() -> None:
@@ -147,7 +170,7 @@ def main() -> None:
                 method_info(method)
             except KeyError:
                 continue
-            losses, hint, comment = losses_for(method, teacher, student, x)
+            losses, hint, comment = losses_for(method, teacher, student, x, s_name)
             ckpt = f"runs/cifar100_teacher_{t_name}/seed0/model.pt"
             recipe: dict[str, Any] = {
                 "name": f"cifar100_{method}_{t_name}_{s_name}", "kind": "distill", "seeds": [0, 1, 2],

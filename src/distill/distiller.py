@@ -34,7 +34,7 @@ class DistillOutput:
     teacher: View | None
 
 
-LossSpec = float | int | Method | tuple[float, Method]
+LossSpec = float | int | Mapping[str, Any] | Method | tuple[float, Method]
 
 
 def _build_methods(losses: Mapping[str, LossSpec]) -> dict[str, Method]:
@@ -44,13 +44,16 @@ def _build_methods(losses: Mapping[str, LossSpec]) -> dict[str, Method]:
             methods[name] = spec
         elif isinstance(spec, (int, float)) and not isinstance(spec, bool):
             methods[name] = create_method(name, weight=float(spec))
+        elif isinstance(spec, Mapping):  # keyword arguments, as a recipe's losses section says them
+            methods[name] = create_method(name, **spec)
         elif (isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], (int, float))
               and isinstance(spec[1], Method)):
             spec[1].weight = float(spec[0])
             methods[name] = spec[1]
         else:
             raise TypeError(
-                f"loss {name!r}: expected a weight (float), a Method, or (weight, Method); got {spec!r}"
+                f"loss {name!r}: expected a weight (float), keyword arguments (dict), a Method, or (weight, Method); "
+                f"got {spec!r}"
             )
     return methods
 
@@ -63,7 +66,8 @@ class Distiller(nn.Module):
         teacher: an ``nn.Module`` (frozen automatically), a list of modules (an ensemble),
             a :class:`~distill.teachers.TeacherSource`, or ``None`` (teacher-free losses only).
         losses: name → weight (a registered method built with its paper defaults), name →
-            ``Method`` instance (its ``weight`` attribute applies), or name → ``(weight, Method)``.
+            ``Method`` instance (its ``weight`` attribute applies), name → ``(weight, Method)``, or
+            name → keyword arguments (``{"kd": {"T": 2.0, "weight": 0.9}}``, as in a recipe).
             Default: ``{"ce": 1.0, "kd": 1.0}`` with a teacher, ``{"ce": 1.0}`` without.
 
     Use it in your own loop (``out = d(batch); out.total.backward()``) or with
@@ -123,6 +127,9 @@ class Distiller(nn.Module):
                 student_view = self._student_view(batch)
                 self.num_classes = int(student_view["logits"].shape[-1])
                 if not self.prepared:
+                    teacher_module = self.teacher_module()
+                    for m in self.methods.values():
+                        m.bind_models(self.student, teacher_module, batch)
                     teacher_view = self.teacher(batch) if self._needs_teacher and self.teacher is not None else {}
                     for m in self.methods.values():
                         m.prepare(student_view, teacher_view, batch)
@@ -132,6 +139,20 @@ class Distiller(nn.Module):
         self.methods.to(device)  # adapters are created on the CPU: follow the student
         self.prepared = True
         return self
+
+    def teacher_module(self) -> nn.Module | None:
+        """The teacher's ``nn.Module`` when the teacher source wraps exactly one, else ``None``."""
+        model = getattr(self.teacher, "model", None)
+        return model if isinstance(model, nn.Module) else None
+
+    def predictor(self) -> nn.Module:
+        """The model to evaluate and deploy: the student, unless a method predicts another way
+        (SimKD: student trunk → projector → the teacher's classifier); ``fit`` evaluates this."""
+        for m in self.methods.values():
+            model = m.predictor(self.student)
+            if model is not None:
+                return model
+        return self.student
 
     def set_epoch(self, epoch: int, total_epochs: int | None = None) -> None:
         """Tell methods (warm-up, curricula) and the teacher source which epoch starts (0-based)."""

@@ -79,7 +79,8 @@ class TrainSpec(_Strict):
 
 
 class HintStageSpec(_Strict):
-    """FitNets' stage 1: train up to the guided layer with the hint loss alone."""
+    """FitNets' stage 1: train up to the guided layer with the hint loss alone; or a stage a loss
+    offers (``method: ft_paraphraser`` with an ``ft`` loss: FT's paraphraser pre-training)."""
 
     method: str = "fitnet"
     weight: float | None = Field(None, gt=0, description="loss weight in this stage (default: the method's, or 1)")
@@ -132,8 +133,24 @@ class Recipe(_Strict):
         if self.kind == "train" and self.teacher is not None:
             raise ValueError("kind 'train' trains one model without a teacher: remove 'teacher'")
         if self.hint_stage is not None and self.hint_stage.method not in self.losses:
-            raise ValueError(f"hint_stage.method {self.hint_stage.method!r} is not one of the losses {list(self.losses)}")
+            offered = _offered_stages(self.losses)
+            if self.hint_stage.method not in offered:
+                raise ValueError(f"hint_stage.method {self.hint_stage.method!r} is not one of the losses "
+                                 f"{list(self.losses)}" + (f" nor a stage they offer {offered}" if offered else ""))
         return self
+
+
+def _offered_stages(losses: dict[str, Any]) -> list[str]:
+    """Extra stages the named losses offer (FT: ``ft_paraphraser``); unknown names are skipped here."""
+    from distill.methods import method_info
+
+    out: list[str] = []
+    for name in losses:
+        try:
+            out.extend(s for s in method_info(name).cls.stages if s not in out)
+        except KeyError:
+            continue
+    return out
 
 
 def _method_arg_model(method: str) -> type[BaseModel]:

@@ -18,6 +18,7 @@ __all__ = [
     "channel_log_softmax",
     "cwd_loss",
     "mgd_mask",
+    "mgd_channel_mask",
     "mgd_loss",
     "simkd_loss",
     "semckd_similarity",
@@ -69,7 +70,10 @@ def cwd_loss(student: Tensor, teacher: Tensor, tau: float = 4.0) -> Tensor:
     Paper: Shu, Liu, Gao, Yan, Shen, "Channel-wise Knowledge Distillation for Dense Prediction",
     ICCV 2021, arXiv 2011.13256 (eq. 4: τ²/C times the sum over channels and positions; the
     per-image loss is averaged over the batch here). The authors' code (TorchDistiller
-    ``ChannelWiseDivergence``) and mmrazor compute the same quantity (sum divided by B·C, times τ²).
+    ``SemSeg-distill/utils/criterion.py`` ``CriterionCWD`` with ``norm_type='channel'``,
+    ``divergence='kl'``) and mmrazor compute the same quantity (sum divided by B·C, times τ²).
+    Default τ = 4: the authors' Cityscapes setting (``exp_cwd.sh channel kl 3 4``: weight 3,
+    τ = 4); their detection configs use τ = 1.
     """
     _maps(student, teacher, "cwd_loss")
     b, c = teacher.shape[:2]
@@ -82,6 +86,21 @@ def cwd_loss(student: Tensor, teacher: Tensor, tau: float = 4.0) -> Tensor:
 # --------------------------------------------------------------------------------------------
 # MGD
 # --------------------------------------------------------------------------------------------
+
+
+def _keep_mask(
+    shape: tuple[int, ...],
+    ratio: float,
+    generator: torch.Generator | None,
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+) -> Tensor:
+    """0 where ``U(0, 1) < ratio``, 1 elsewhere, of ``shape``; drawn on the CPU from ``generator``."""
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"MGD mask ratio must be in [0, 1], got {ratio}")
+    r = torch.rand(*shape, generator=generator)
+    mask = (r >= ratio).to(dtype or torch.get_default_dtype())
+    return mask if device is None else mask.to(device)
 
 
 def mgd_mask(
@@ -100,14 +119,31 @@ def mgd_mask(
         \qquad R_{b,i,j} \sim U(0, 1)
 
     Each position of each sample is masked independently with probability λ = ``ratio``; the
-    same mask covers every channel. Draws on the CPU from ``generator`` (reproducible), then
-    moves to ``device``.
+    same mask covers every channel (the paper's "random pixels"). Draws on the CPU from
+    ``generator`` (reproducible), then moves to ``device``.
     """
-    if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"MGD mask ratio must be in [0, 1], got {ratio}")
-    r = torch.rand(batch, 1, height, width, generator=generator)
-    mask = (r >= ratio).to(dtype or torch.get_default_dtype())
-    return mask if device is None else mask.to(device)
+    return _keep_mask((batch, 1, height, width), ratio, generator, device, dtype)
+
+
+def mgd_channel_mask(
+    batch: int,
+    channels: int,
+    ratio: float = 0.15,
+    generator: torch.Generator | None = None,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    r"""The channel mask of the authors' classification code: ``(B, C, 1, 1)``, 0 = masked channel.
+
+    .. math:: M_{b,c} = 0 \text{ if } R_{b,c} < \lambda \text{ else } 1, \qquad R_{b,c} \sim U(0, 1)
+
+    Each channel of each sample is masked with probability λ = ``ratio`` at every position.
+    yzd-v/MGD ``cls/mmcls/distillation/losses/mgd.py`` draws this ``(N, C, 1, 1)`` mask (its
+    spatial ``(N, 1, H, W)`` line is commented out) with ``lambda_mgd=0.15`` in its ImageNet
+    configs, whereas the paper describes masking random pixels (:func:`mgd_mask`).
+    """
+    return _keep_mask((batch, channels, 1, 1), ratio, generator, device, dtype)
 
 
 def mgd_loss(generated: Tensor, teacher: Tensor) -> Tensor:
@@ -121,9 +157,11 @@ def mgd_loss(generated: Tensor, teacher: Tensor) -> Tensor:
     conv → ReLU → 3x3 conv, on the masked aligned student map), ``teacher``: (B, C, H, W) → scalar.
 
     Paper: Yang, Li, Shao, Shi, Yuan, Yuan, "Masked Generative Distillation", ECCV 2022,
-    arXiv 2205.01529 (eq. 3, per image; the total loss adds α·L_dis, α = 7e-5 for
-    classification). The authors' code (yzd-v/MGD, ``MGDLoss``) sums the squared error over the
-    batch and divides by B, as here.
+    arXiv 2205.01529 (eq. 3, per image; the total loss adds α·L_dis). α = 7e-5 for
+    classification is the authors' ImageNet configs' ``alpha_mgd=0.00007`` (yzd-v/MGD
+    ``cls/configs/distillers/res34_distill_res18_img.py``; 2e-5 in their detection and
+    segmentation code). The authors' code (``MGDLoss``) sums the squared error over the batch
+    and divides by B, as here.
     """
     _maps(generated, teacher, "mgd_loss")
     return (generated - teacher).pow(2).sum() / teacher.shape[0]

@@ -235,7 +235,8 @@ def noisy_teacher_loss(
     probability α) and applies the noise before a temperature-softmax KD loss; here the
     selection is per sample and the loss is the paper's L2 on logits. The noise is drawn
     independently per logit, as in KD_Lib (``x * (1 + sqrt(var) * randn_like(x))``); pass a
-    (B, 1) ``noise`` for one ξ per sample. The method's defaults σ² = 0.1, α = 0.5 are KD_Lib's.
+    (B, 1) ``noise`` for one ξ per sample. The method's defaults σ² = 0.1, α = 0.5 are KD_Lib's
+    (``KD_Lib/KD/vision/noisy/noisy_teacher.py``); the paper's own values could not be read here.
     """
     return logit_regression_loss(student_logits, perturb_logits(teacher_logits, noise, mask))
 
@@ -374,9 +375,11 @@ def dist_loss(
     to be informative.
 
     Paper: Huang, You, Wang, Qian, Xu, "Knowledge Distillation from A Stronger Teacher",
-    NeurIPS 2022, arXiv 2205.10536. The paper's ImageNet setting is T = 1, β = γ = 1; the
-    CIFAR-100 setting (used here as the default) is T = 4 with β = γ = 2. The official
-    ImageNet loss (image_classification_sota ``DIST``) has no temperature argument, i.e. T = 1.
+    NeurIPS 2022, arXiv 2205.10536. Defaults: the CIFAR-100 setting T = 4, β = γ = 2. ImageNet:
+    T = 1 and effectively β = γ = 2 too: the authors' code builds ``DIST(beta=1, gamma=1, tau=1)``
+    and multiplies it by ``kd_loss_weight: 2`` (image_classification_sota ``kd_loss.py``, DIST_KD
+    ImageNet yaml; likewise their mmrazor config, ``loss_weight=2``). The paper's own text was
+    not readable here, so these come from the authors' code.
     """
     inter, intra = dist_parts(student_logits, teacher_logits, T)
     return beta * inter + gamma * intra
@@ -855,8 +858,9 @@ def cc_loss(student: Tensor, teacher: Tensor, gamma: float = 0.4, order: int = 2
 
     Paper: Peng, Jin, Liu, Zhou, Wu, Liu, Li, Zhang, "Correlation Congruence for Knowledge
     Distillation", ICCV 2019, arXiv 1904.01802 (the full objective adds CE and KD terms, which
-    are separate methods here). γ = 0.4 and P = 2 follow the common re-implementations of the
-    paper's Taylor-expanded RBF kernel (e.g. AberHu/Knowledge-Distillation-Zoo ``CC``).
+    are separate methods here). γ = 0.4 and P = 2 are not taken from the paper's text (not
+    readable here) but from torchdistill's ILSVRC2012 CCKD config (``gamma: 0.4, max_p: 2``) and
+    AberHu/Knowledge-Distillation-Zoo's ``CC`` arguments.
     RepDistiller's ``Correlation`` (code the authors sent to its maintainer) computes something
     else: no kernel and no batch correlation matrix, but the mean over consecutive sample pairs
     of :math:`\sum_d |F^s_{i,d} - F^t_{i,d}|\,|F^s_{i+1,d} - F^t_{i+1,d}|` on 128-d linear

@@ -55,18 +55,20 @@ def _pairwise_sq(e: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def irg_edge_matrix(feature: Tensor, squared: bool = False, normalize: bool = True, eps: float = 1e-12) -> Tensor:
+def irg_edge_matrix(feature: Tensor, squared: bool = True, normalize: bool = True, eps: float = 1e-12) -> Tensor:
     r"""IRG edge matrix of one layer: Euclidean distances between the instances of the batch.
 
-    .. math:: A_{ij} = \lVert f_i - f_j \rVert_2, \qquad A_{ii} = 0,
+    .. math:: A_{ij} = \lVert f_i - f_j \rVert_2^2, \qquad A_{ii} = 0,
               \qquad \tilde A = A / \max_{k,l} A_{kl}\ \ (\texttt{normalize})
 
-    ``feature`` (B, ...) flattened to (B, D) → (B, B). ``squared=True`` uses
-    :math:`\lVert f_i - f_j \rVert_2^2` (the reference PyTorch code's choice); the paper's edge
-    is the distance itself. ``normalize`` divides by the largest entry so that student and
-    teacher matrices are on the same scale (the reference code does; the maximum is clamped at
-    ``eps``). Squared distances are clamped at ``eps`` before the square root and the diagonal
-    is set to 0 exactly, so coincident instances give finite gradients.
+    ``feature`` (B, ...) flattened to (B, D) → (B, B). Squared distances divided by their
+    maximum are what the authors' Caffe code computes (yufanLIU/IRG
+    ``batch_euclidean_map_layer.cpp``; AberHu/Knowledge-Distillation-Zoo squares too);
+    ``squared=False`` uses the distance itself. The paper's text could not be read here.
+    ``normalize`` divides by the largest entry so that student and teacher matrices are on the
+    same scale (the maximum is clamped at ``eps``). Squared distances are clamped at ``eps``
+    (before the square root when ``squared=False``) and the diagonal is set to 0 exactly, so
+    coincident instances give finite gradients.
     """
     e = _rows(feature)
     b = e.shape[0]
@@ -97,7 +99,7 @@ def irg_vertex_loss(student: Tensor, teacher: Tensor) -> Tensor:
 def irg_edge_loss(
     student_feats: Sequence[Tensor],
     teacher_feats: Sequence[Tensor],
-    squared: bool = False,
+    squared: bool = True,
     normalize: bool = True,
 ) -> Tensor:
     r"""IRG (multi-layer) edge loss, summed over the layer pairs.
@@ -105,8 +107,10 @@ def irg_edge_loss(
     .. math:: L_E = \sum_{l} \frac{1}{B^2} \big\lVert A^{T}_{l} - A^{S}_{l} \big\rVert_F^2
 
     with :math:`A` from :func:`irg_edge_matrix`. Features of any sizes sharing B → scalar.
-    The paper sums over the layers (its :math:`L_{MTE}`); the reference PyTorch code averages
-    over its three layers (a factor 1/3 smaller for three layers).
+    Summed over the layers (the multi-layer edge term :math:`L_{MTE}`;
+    AberHu/Knowledge-Distillation-Zoo averages over its three layers). The authors' Caffe
+    code compares one layer (the pooled feature) with Caffe's ``EuclideanLoss``,
+    :math:`\frac{1}{2B}\sum_{ij}(\cdot)^2 = \frac{B}{2}` × this per-entry mean.
     """
     if len(student_feats) != len(teacher_feats):
         raise ValueError(f"{len(student_feats)} student features vs {len(teacher_feats)} teacher features")
@@ -158,15 +162,17 @@ def irg_match_layers(first: Tensor, second: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def irg_transformation(
-    first: Tensor, second: Tensor, squared: bool = False, normalize: bool = True, eps: float = 1e-12
+    first: Tensor, second: Tensor, squared: bool = True, normalize: bool = True, eps: float = 1e-12
 ) -> Tensor:
     r"""IRG vertex transformation between two layers l1 < l2 of one network.
 
-    .. math:: \Lambda_{l_1, l_2}(i, i) = \lVert f^{l_1}_i - f^{l_2}_i \rVert_2,
+    .. math:: \Lambda_{l_1, l_2}(i, i) = \lVert f^{l_1}_i - f^{l_2}_i \rVert_2^2,
               \qquad \tilde\Lambda = \Lambda / \max_k \Lambda(k, k)\ \ (\texttt{normalize})
 
-    The diagonal of the paper's Λ as a (B,) vector, after :func:`irg_match_layers`. Only the
-    vertex transformation is used, as in the paper's loss (and the reference code); the edge
+    The diagonal of the paper's Λ as a (B,) vector, after :func:`irg_match_layers`; squared and
+    max-normalised as in the authors' Caffe code (``batch_euclidean_vector_layer.cpp``, on
+    globally average-pooled features of two layers), ``squared=False`` for the distance. Only
+    the vertex transformation is used, as in the paper's loss (and the reference code); the edge
     transformation (change of the edge matrices) is not part of it.
     """
     _same_batch(first, second, "irg_transformation")
@@ -181,12 +187,14 @@ def irg_transformation(
 def irg_transformation_loss(
     student_pair: tuple[Tensor, Tensor],
     teacher_pair: tuple[Tensor, Tensor],
-    squared: bool = False,
+    squared: bool = True,
     normalize: bool = True,
 ) -> Tensor:
     r"""IRG transformation loss :math:`L_{Tran} = \frac1B \lVert \Lambda^T_{l_1,l_2} - \Lambda^S_{l_1,l_2} \rVert_2^2`.
 
-    Each pair is (earlier layer, later layer) of one network (:func:`irg_transformation`).
+    Each pair is (earlier layer, later layer) of one network (:func:`irg_transformation`). The
+    authors' Caffe ``EuclideanLoss`` on the (1, B) vector is :math:`\frac12\sum_i(\cdot)^2`, i.e.
+    B/2 × this mean.
     """
     ls = irg_transformation(*student_pair, squared=squared, normalize=normalize)
     lt = irg_transformation(*teacher_pair, squared=squared, normalize=normalize)
@@ -204,7 +212,7 @@ def irg_loss(
     vertex_weight: float = 0.1,
     edge_weight: float = 5.0,
     transformation_weight: float = 5.0,
-    squared: bool = False,
+    squared: bool = True,
     normalize: bool = True,
 ) -> Tensor:
     r"""Instance relationship graph distillation (without the ground-truth term).
@@ -213,14 +221,20 @@ def irg_loss(
 
     :func:`irg_vertex_loss` on ``(student_vertex, teacher_vertex)`` (skipped when None),
     :func:`irg_edge_loss` on the feature lists (may be empty), :func:`irg_transformation_loss`
-    on the layer pairs (skipped when None). λ defaults 0.1 / 5 / 5 are the reference PyTorch
-    code's (Knowledge-Distillation-Zoo) CIFAR weights.
+    on the layer pairs (skipped when None).
+
+    λ defaults 0.1 / 5 / 5: the paper's λ1, λ2, λ3 could not be read here (CVPR 2019 open-access
+    text, no arXiv version); they are AberHu/Knowledge-Distillation-Zoo's ``--w_irg_vert 0.1
+    --w_irg_edge 5.0 --w_irg_tran 5.0`` for these per-entry means. The authors' released Caffe
+    prototxts (yufanLIU/IRG ``IRG.prototxt``, ``IRG_Transformation.prototxt``: CIFAR-10,
+    ResNet-20 → ResNet-20×0.5, batch 64) have no vertex term and put ``loss_weight: 0.005`` on
+    each edge / transformation ``EuclideanLoss`` (½·Σ/num): that is λ = 0.005·B/2 (0.16 at
+    B = 64) on the means here.
 
     Paper: Liu, Cao, Li, Yuan, Hu, Li, Duan, "Knowledge Distillation via Instance Relationship
-    Graph", CVPR 2019 (no arXiv version). Differences from the reference PyTorch code, which
-    follow the paper: Euclidean (not squared) distances (``squared=True`` for the code's), the
-    edge term summed (not averaged) over layers. Kept from the code: max-normalised matrices and
-    per-entry means.
+    Graph", CVPR 2019 (no arXiv version). Squared, max-normalised distances as in the authors'
+    code (``squared=False`` for plain distances); the edge term is summed (not averaged, as
+    Knowledge-Distillation-Zoo does) over layers; per-entry means.
     """
     anchors = [*student_feats, *(student_transform or ()), *([student_vertex] if student_vertex is not None else [])]
     if not anchors:

@@ -3,10 +3,14 @@
 Paper: J. Song, Y. Chen, J. Ye, M. Song, "Spot-adaptive Knowledge Distillation", IEEE TIP 2022,
 arXiv 2205.02399. A policy network decides, for each sample and each candidate spot (layer pair),
 whether to distill there; the decisions are drawn with Gumbel-softmax and the spot losses are
-weighted by them.
+weighted by them. The same decisions route a multi-path network (:func:`spot_route`) built from
+the teacher's and the student's stages, whose task loss (:func:`spot_route_loss`) trains the
+policy.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +21,11 @@ __all__ = [
     "spot_adaptive_loss",
     "spot_gumbel_temperature",
     "spot_hint_losses",
+    "spot_route",
+    "spot_route_loss",
 ]
+
+Stage = Callable[[Tensor], Tensor]
 
 
 def gumbel_softmax_decisions(
@@ -104,3 +112,104 @@ def spot_gumbel_temperature(epoch: int, total_epochs: int | None, tau_start: flo
         return float(tau_start) if total_epochs is None or epoch <= 0 else float(tau_end)
     frac = min(max(epoch, 0) / (total_epochs - 1), 1.0)
     return float(tau_start - (tau_start - tau_end) * frac)
+
+
+def _per_sample(d: Tensor, like: Tensor) -> Tensor:
+    """(B,) decisions shaped to broadcast over ``like`` (B, ...)."""
+    return d.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+
+def spot_route(
+    inputs: Tensor,
+    student_stages: Sequence[Stage],
+    teacher_stages: Sequence[Stage],
+    to_teacher: Sequence[Stage],
+    to_student: Sequence[Stage],
+    decisions: Tensor,
+) -> Tensor:
+    r"""SAKD's multi-path routing network: each sample's forward pass takes, stage by stage, the
+    teacher's or the student's stage, as its decisions say.
+
+    Both networks are split into the same number N of stages :math:`S_k` (student) and
+    :math:`T_k` (teacher); the spot k (k < N) sits after stage k. With :math:`h^0_s = h^0_t = x`
+    and, per sample, :math:`d_k \in \{0, 1\}` (1: stage k is the teacher's),
+
+    .. math::
+        o^k_s = S_k(h^{k-1}_s), \quad o^k_t = T_k(h^{k-1}_t), \\
+        h^k_t = d_k\, o^k_t + (1 - d_k)\, A^k_{s\to t}(o^k_s), \quad
+        h^k_s = (1 - d_k)\, o^k_s + d_k\, A^k_{t\to s}(o^k_t) \quad (k < N), \\
+        y = d_N\, o^N_t + (1 - d_N)\, o^N_s.
+
+    For hard decisions this is one path per sample: stage k runs in the network d_k names, and
+    an adapter :math:`A^k` converts the feature at spot k when the path switches network there
+    (all ones: exactly the teacher; all zeros: exactly the student). With straight-through
+    decisions the gradient of y reaches the decisions (hence the policy) and the adapters.
+
+    Args:
+        inputs: x, (B, ...) fed to the first stage of both networks.
+        student_stages, teacher_stages: N callables each; stage k maps spot k-1's feature to
+            spot k's, the last one ends in the output (e.g. logits (B, K)); the two networks'
+            outputs must have the same shape.
+        to_teacher, to_student: N - 1 adapters each, :math:`A^k_{s\to t}` and
+            :math:`A^k_{t\to s}` at the spots.
+        decisions: (B, N), 1 = the teacher's stage (hard {0, 1}, or soft in [0, 1]).
+
+    Returns the routed output y, shaped like the networks' outputs.
+    """
+    n = len(student_stages)
+    if n < 1 or len(teacher_stages) != n:
+        raise ValueError(
+            f"need the same number (>= 1) of student and teacher stages, got {n} and {len(teacher_stages)}"
+        )
+    if len(to_teacher) != n - 1 or len(to_student) != n - 1:
+        raise ValueError(
+            f"{n} stages need {n - 1} adapters each way, got {len(to_teacher)} (to teacher) and "
+            f"{len(to_student)} (to student)"
+        )
+    if decisions.dim() != 2 or decisions.shape[1] != n or decisions.shape[0] != inputs.shape[0]:
+        raise ValueError(
+            f"decisions must be (B, N) = ({inputs.shape[0]}, {n}), got {tuple(decisions.shape)}"
+        )
+    h_s = h_t = inputs
+    for k in range(n - 1):
+        o_s, o_t = student_stages[k](h_s), teacher_stages[k](h_t)
+        d = _per_sample(decisions[:, k], o_t)
+        h_t = d * o_t + (1 - d) * to_teacher[k](o_s)
+        h_s = (1 - d) * o_s + d * to_student[k](o_t)
+    o_s, o_t = student_stages[-1](h_s), teacher_stages[-1](h_t)
+    if o_s.shape != o_t.shape:
+        raise ValueError(f"the last stages' outputs differ in shape: student {tuple(o_s.shape)}, "
+                         f"teacher {tuple(o_t.shape)}")
+    d = _per_sample(decisions[:, -1], o_t)
+    return d * o_t + (1 - d) * o_s
+
+
+def spot_route_loss(routed_logits: Tensor, targets: Tensor, output_decisions: Tensor,
+                    min_teacher_frac: float = 0.5) -> Tensor:
+    r"""Task loss of the multi-path routing network, which trains the policy and the adapters.
+
+    .. math:: L_{route} = \mathrm{CE}(y, \text{targets})
+        + \max\big(0,\; \rho B - \textstyle\sum_b d_{bN}\big)
+
+    ``routed_logits`` y (B, K) from :func:`spot_route`, ``targets`` (B,) class labels,
+    ``output_decisions`` :math:`d_{\cdot N}` (B,) the decisions at the output (1: the teacher's
+    last stage), :math:`\rho` = ``min_teacher_frac``. The hinge, from the authors' code
+    (zju-vipa/spot-adaptive-pytorch, ``train.py``, with :math:`\rho = 1/2`), penalises batches
+    where fewer than :math:`\rho B` samples take the teacher's output, i.e. keeps the gated
+    logit KD from being switched off wholesale; ``min_teacher_frac=0`` drops it.
+    """
+    if routed_logits.dim() != 2 or targets.shape != routed_logits.shape[:1]:
+        raise ValueError(
+            f"routed logits must be (B, K) with targets (B,), got {tuple(routed_logits.shape)} and "
+            f"{tuple(targets.shape)}"
+        )
+    if output_decisions.shape != targets.shape:
+        raise ValueError(f"output decisions must be (B,) = {tuple(targets.shape)}, got "
+                         f"{tuple(output_decisions.shape)}")
+    if not 0.0 <= min_teacher_frac <= 1.0:
+        raise ValueError(f"min_teacher_frac must be in [0, 1], got {min_teacher_frac}")
+    loss = F.cross_entropy(routed_logits, targets)
+    if min_teacher_frac > 0:
+        batch = routed_logits.shape[0]
+        loss = loss + (min_teacher_frac * batch - output_decisions.sum()).clamp(min=0)
+    return loss

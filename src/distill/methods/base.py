@@ -80,6 +80,30 @@ class Method(nn.Module):
     def prepare(self, student_view: View, teacher_view: View, batch: Batch) -> None:
         """Build shape-dependent parts (adapters) from one example batch; called under ``no_grad``."""
 
+    def bind_models(self, student: nn.Module, teacher: nn.Module | None, example: Batch) -> None:
+        """Shown the models once, before :meth:`prepare`, by :meth:`Distiller.prepare` (under ``no_grad``).
+
+        ``teacher`` is the teacher's ``nn.Module`` when the teacher source wraps one (a frozen
+        model), else ``None`` (ensembles, caches). Methods that read more than tapped features take
+        what they need here: OFD its margins from the teacher's BatchNorms, SimKD the teacher's
+        classifier. Keep references out of the module tree (the teacher is not the method's to
+        train or save).
+        """
+
+    def predictor(self, student: nn.Module) -> nn.Module | None:
+        """The model that predicts after training when it is not the student itself (SimKD's
+        student trunk + projector + teacher classifier); ``None`` for methods that train the
+        student to predict with its own head. ``fit`` evaluates this model."""
+        return None
+
+    # Extra training stages this method offers, by name (FT's paraphraser pre-training):
+    # ``stage_method(name)`` returns the Method that stage trains with (sharing this one's parts).
+    stages: ClassVar[tuple[str, ...]] = ()
+
+    def stage_method(self, name: str) -> Method:
+        """The loss of this method's extra stage ``name`` (one of :attr:`stages`)."""
+        raise KeyError(f"method {self.name!r} has no stage {name!r}; its stages: {list(self.stages)}")
+
     def on_epoch_start(self, epoch: int, total_epochs: int | None = None) -> None:
         """Called by the Distiller at the start of each epoch (0-based)."""
         self.epoch = epoch

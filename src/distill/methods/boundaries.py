@@ -277,10 +277,12 @@ class OFD(_ConnectedPairs):
     ``m = E[x | x < 0]`` of the teacher BN's Gaussian (:func:`distill.functional.ofd_margin`),
     ``r_j`` a 1x1 conv + BN connector, ``d_p`` the partial L2 that skips ``S ≤ T ≤ 0``.
 
-    The margins come from the teacher's BatchNorm layers, which a method cannot see: build with
-    :meth:`OFD.from_teacher` (finds the BN before each teacher tap), or pass ``margins`` (one
-    ``(C,)`` tensor per pair) or ``teacher_bn`` (one BatchNorm module, or ``(weight, bias)``, per
-    pair; margins are computed at construction, the modules are not kept).
+    The margins come from the teacher's BatchNorm layers: given none, the Distiller's
+    :meth:`prepare` finds the BN before each teacher tap (:meth:`bind_models`, with one forward
+    of two example inputs), so ``{"ofd": {}}`` works in a recipe. Or build with
+    :meth:`OFD.from_teacher`, or pass ``margins`` (one ``(C,)`` tensor per pair) or ``teacher_bn``
+    (one BatchNorm module, or ``(weight, bias)``, per pair; margins are computed at
+    construction, the modules are not kept).
 
     Defaults: weight α = 1e-3 (the paper's CIFAR setting; 1e-4 on ImageNet), equal layer weights.
     The authors' code also divides position j of n by 2^(n-1-j): ``layer_weights=(0.25, 0.5, 1.0)``.
@@ -303,14 +305,44 @@ class OFD(_ConnectedPairs):
             margins = [self._margin_of(bn, i) for i, bn in enumerate(teacher_bn)]
         self.has_margins = margins is not None
         if margins is not None:
-            margins = list(margins)
-            if len(margins) != len(self.pairs):
-                raise ValueError(f"got {len(margins)} margins for {len(self.pairs)} pairs")
-            for i, m in enumerate(margins):
-                m = torch.as_tensor(m, dtype=torch.get_default_dtype()).detach().clone()
-                if m.dim() != 1:
-                    raise ValueError(f"margin {i} must be a (C,) tensor, got shape {tuple(m.shape)}")
-                self.register_buffer(f"margin_{i}", m)
+            self._set_margins(margins)
+
+    def _set_margins(self, margins: Sequence[Tensor]) -> None:
+        margins = list(margins)
+        if len(margins) != len(self.pairs):
+            raise ValueError(f"got {len(margins)} margins for {len(self.pairs)} pairs")
+        for i, m in enumerate(margins):
+            m = torch.as_tensor(m, dtype=torch.get_default_dtype()).detach().clone()
+            if m.dim() != 1:
+                raise ValueError(f"margin {i} must be a (C,) tensor, got shape {tuple(m.shape)}")
+            self.register_buffer(f"margin_{i}", m)
+        self.has_margins = True
+
+    @staticmethod
+    def _teacher_bns(model: nn.Module, pairs: Sequence[tuple[str, str]], bn_paths: Sequence[str] | None,
+                     example: Tensor | None) -> tuple[list[str], list[nn.Module]]:
+        if bn_paths is None:
+            bn_paths = find_bn_before(model, [t for _, t in pairs], example)
+        if len(bn_paths) != len(pairs):
+            raise ValueError(f"got {len(bn_paths)} bn_paths for {len(pairs)} pairs")
+        bns = []
+        for p in bn_paths:
+            try:
+                bns.append(model.get_submodule(p))
+            except AttributeError:
+                raise KeyError(f"the teacher has no module {p!r}") from None
+        return list(bn_paths), bns
+
+    def bind_models(self, student: nn.Module, teacher: nn.Module | None, example: Batch) -> None:
+        """Margins from the teacher's BatchNorms when none were given (so recipes need no Python)."""
+        if self.has_margins or teacher is None:
+            return
+        param = next(teacher.parameters(), None)
+        x = example.inputs[:2]
+        if param is not None:
+            x = x.to(device=param.device, dtype=param.dtype)
+        self.bn_paths, bns = self._teacher_bns(teacher, self.pairs, None, x)
+        self._set_margins([self._margin_of(bn, i) for i, bn in enumerate(bns)])
 
     @staticmethod
     def _margin_of(bn: Any, i: int) -> Tensor:
@@ -344,18 +376,9 @@ class OFD(_ConnectedPairs):
         """
         model = _unwrap_model(teacher)
         pairs = [(str(s), str(t)) for s, t in pairs]
-        if bn_paths is None:
-            bn_paths = find_bn_before(model, [t for _, t in pairs], example)
-        if len(bn_paths) != len(pairs):
-            raise ValueError(f"got {len(bn_paths)} bn_paths for {len(pairs)} pairs")
-        bns = []
-        for p in bn_paths:
-            try:
-                bns.append(model.get_submodule(p))
-            except AttributeError:
-                raise KeyError(f"the teacher has no module {p!r}") from None
+        paths, bns = cls._teacher_bns(model, pairs, bn_paths, example)
         method = cls(pairs=pairs, teacher_bn=bns, **kwargs)
-        method.bn_paths = list(bn_paths)
+        method.bn_paths = paths
         return method
 
     def margin_list(self) -> list[Tensor]:

@@ -28,13 +28,9 @@ from distill.methods.base import Method, Paper, register
 
 
 def _channel_align(s: Tensor, t: Tensor, s_name: str, t_name: str) -> nn.Module:
-    """Identity when channel counts agree, else a 1x1 conv (with bias), as CWD's and MGD's code."""
-    if s.shape[2:] != t.shape[2:]:
-        raise ShapeMismatchError(
-            f"spatial sizes differ ({tuple(s.shape[2:])} vs {tuple(t.shape[2:])}): {s_name} {tuple(s.shape)} -> "
-            f"{t_name} {tuple(t.shape)}; tap layers with the same spatial size"
-        )
-    if s.shape[1] == t.shape[1]:
+    """Identity when the shapes agree, else a 1x1 conv (with bias), as CWD's and MGD's code; maps of
+    different resolution get the resampling conv of :func:`distill.adapters.resampling_conv` instead."""
+    if s.shape[1:] == t.shape[1:]:
         return nn.Identity()
     return build_adapter(s, t, student_name=s_name, teacher_name=t_name, kind="conv1x1")
 
@@ -61,9 +57,18 @@ class CWD(Method):
     """Channel-wise distillation: τ²/C Σ_c KL(softmax(T_c/τ) ‖ softmax(S_c/τ)) over positions, summed over pairs.
 
     Each channel's map is turned into a distribution over its H·W positions. When channel counts
-    differ the student passes through a 1x1 conv (built by :meth:`prepare`); spatial sizes must
-    agree. The paper distils dense-prediction outputs (segmentation logits, detection heads);
+    differ the student passes through a 1x1 conv (built by :meth:`prepare`); a student map of
+    another resolution gets the resampling conv of :func:`distill.adapters.resampling_conv`
+    instead (an error when no integer factor bridges them). The paper distils dense-prediction outputs (segmentation logits, detection heads);
     for classifiers the natural tap is the last feature map (the default).
+
+    Defaults: τ = 4 is the authors' semantic-segmentation setting (official TorchDistiller
+    ``SemSeg-distill/README.md``: ``bash exp_cwd.sh channel kl 3 4``, i.e. loss weight 3, τ = 4 on
+    PSPNet's Cityscapes logits; the paper's text could not be read here). Their detection code
+    (pppppM/mmdetection-distiller ``cwd_retina_rx101_64x4d_distill_retina_r50_fpn_2x_coco.py``)
+    uses τ = 1, weight 5 on the FPN levels. Classification is not in the paper: τ = 4 and
+    ``weight = 1`` (recipes set the protocol's weight; use ``weight=3`` for the paper's
+    segmentation setting).
     """
 
     requires_prepare = True  # the 1x1 conv (when channels differ) is built before the optimizer
@@ -137,7 +142,17 @@ class MGD(Method):
 
     ``align`` is a 1x1 conv when channel counts differ (identity otherwise); ``G`` the generation
     block 3x3 conv → ReLU → 3x3 conv at the teacher's width; both built by :meth:`prepare`.
-    Defaults are the paper's classification setting (α = 7e-5, λ = 0.5, last feature map).
+
+    ``mask="spatial"`` (default) masks random pixels (positions, shared by all channels), as the
+    paper describes; ``mask="channel"`` masks random channels of each sample
+    (:func:`distill.functional.mgd_channel_mask`), which is what the authors' released
+    classification code does. Defaults α = 7e-5, λ = 0.5, last feature map: the paper's text
+    could not be read here; α = 7e-5 is the authors' ImageNet ``alpha_mgd`` and λ = 0.5 the
+    "masked ratio. Defaults to 0.5" of their classification ``MGDLoss`` docstring, while its
+    code and configs (yzd-v/MGD ``cls/mmcls/distillation/losses/mgd.py``,
+    ``cls/configs/distillers/res34_distill_res18_img.py``) mask channels with
+    ``lambda_mgd=0.15``: ``MGD(mask="channel", mask_ratio=0.15)`` reproduces that. Their
+    detection / segmentation code masks pixels with λ = 0.65 / 0.75 and α = 2e-5.
 
     The mask is drawn from a ``torch.Generator`` owned by the method (seeded with ``seed``):
     in training mode each forward advances it; in eval mode (``method.eval()``, e.g. during
@@ -154,6 +169,7 @@ class MGD(Method):
         teacher_tap: str = "stage3",
         alpha: float = 7e-5,
         mask_ratio: float = 0.5,
+        mask: str = "spatial",
         seed: int = 0,
         weight: float = 1.0,
         warmup_epochs: int = 0,
@@ -161,8 +177,12 @@ class MGD(Method):
         super().__init__(weight=weight, warmup_epochs=warmup_epochs)
         if not 0.0 <= mask_ratio <= 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1], got {mask_ratio}")
+        if mask not in ("spatial", "channel"):
+            raise ValueError(f"mask must be 'spatial' (the paper) or 'channel' (the authors' classification code), "
+                             f"got {mask!r}")
         self.student_tap, self.teacher_tap = str(student_tap), str(teacher_tap)
         self.alpha, self.mask_ratio, self.seed = float(alpha), float(mask_ratio), int(seed)
+        self.mask = mask
         self.student_taps = [self.student_tap]
         self.teacher_taps = [self.teacher_tap]
         self.align: nn.Module | None = None
@@ -188,9 +208,11 @@ class MGD(Method):
         ).to(device=s.device, dtype=s.dtype)
 
     def draw_mask(self, like: Tensor) -> Tensor:
-        """The mask ``(B, 1, H, W)`` for a map shaped like ``like`` (see the class docstring)."""
+        """The mask for a map shaped like ``like``: ``(B, 1, H, W)`` (spatial) or ``(B, C, 1, 1)`` (channel)."""
         gen = self.generator if self.training else torch.Generator().manual_seed(self.seed)
-        b, _, h, w = like.shape
+        b, c, h, w = like.shape
+        if self.mask == "channel":
+            return DF.mgd_channel_mask(b, c, self.mask_ratio, gen, device=like.device, dtype=like.dtype)
         return DF.mgd_mask(b, h, w, self.mask_ratio, gen, device=like.device, dtype=like.dtype)
 
     def generate(self, student: Tensor, mask: Tensor) -> Tensor:
@@ -207,7 +229,7 @@ class MGD(Method):
 
     def extra_repr(self) -> str:
         return (f"{self.student_tap} -> {self.teacher_tap}, alpha={self.alpha}, mask_ratio={self.mask_ratio}, "
-                f"weight={self.weight}")
+                f"mask={self.mask}, weight={self.weight}")
 
 
 # ============================================================================================
@@ -283,9 +305,10 @@ class SimKD(Method):
     ``Distiller(student, teacher, losses={"simkd": SimKD(teacher_classifier=teacher.fc)})``.
 
     Evaluation: the trained student is :meth:`student_predictor` (student trunk → projector →
-    pool → teacher's classifier). ``fit``'s per-epoch validation and ``Distiller`` use the
-    student's *own* ``fc``, which SimKD never trains: those accuracies are meaningless for
-    SimKD; evaluate ``method.student_predictor(distiller.student)`` instead.
+    pool → teacher's classifier). It is also :meth:`predictor`, so ``Distiller.predictor()`` and
+    ``fit``'s per-epoch validation use it (the student's own ``fc`` is never trained by SimKD).
+    Without ``teacher_classifier``, :meth:`bind_models` takes the teacher's last ``nn.Linear``
+    when the Distiller is prepared, so a recipe needs no Python.
 
     Args:
         teacher_classifier: the teacher's classifier (e.g. ``teacher.fc``, or
@@ -317,7 +340,7 @@ class SimKD(Method):
         self.student_taps = [self.student_tap]
         self.teacher_taps = [self.teacher_tap]
         self.projector: nn.Module | None = None
-        self._teacher_classifier: tuple[nn.Module, ...] = () if teacher_classifier is None else (teacher_classifier,)
+        self.set_teacher_classifier(teacher_classifier)
         self._student_pool_to: tuple[int, int] | None = None
 
     @property
@@ -327,6 +350,29 @@ class SimKD(Method):
     def set_teacher_classifier(self, module: nn.Module | None) -> None:
         """Give (or clear) the teacher's classifier after construction (kept by reference)."""
         self._teacher_classifier = () if module is None else (module,)
+        self._predictor_cache: tuple[nn.Module, SimKDPredictor] | tuple[()] = ()
+
+    def bind_models(self, student: nn.Module, teacher: nn.Module | None, example: Batch) -> None:
+        """Take the teacher's classifier (its last ``nn.Linear``) when none was given."""
+        if self.teacher_classifier is None and teacher is not None:
+            linears = [m for m in teacher.modules() if isinstance(m, nn.Linear)]
+            if not linears:
+                raise ShapeMismatchError(
+                    "SimKD reuses the teacher's classifier, but the teacher has no nn.Linear: pass "
+                    "teacher_classifier= (the module mapping its pooled feature to logits)"
+                )
+            self.set_teacher_classifier(linears[-1])
+
+    def predictor(self, student: nn.Module) -> nn.Module | None:
+        """:meth:`student_predictor`, built once per student: what ``fit`` evaluates for SimKD."""
+        if self.projector is None or self.teacher_classifier is None:
+            return None
+        if not self._predictor_cache or self._predictor_cache[0] is not student:
+            if self._predictor_cache:
+                self._predictor_cache[1].remove_hooks()
+            # a tuple keeps the predictor (which holds the student) out of this module's tree
+            self._predictor_cache = (student, self.student_predictor(student))
+        return self._predictor_cache[1]
 
     def _pair(self, student_view: View, teacher_view: View) -> tuple[Tensor, Tensor]:
         s = _tap(student_view, self.student_tap, "student")

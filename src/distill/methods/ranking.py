@@ -37,8 +37,15 @@ class IRG(Method):
       (:func:`distill.functional.irg_match_layers`), max-normalised; None disables.
 
     The default transformation is stage2 → stage3: stage3 → pool is identically 0 for networks
-    whose ``pool`` is the global average of ``stage3``. λ = 0.1 / 5 / 5 are the reference
-    PyTorch code's. See :func:`distill.functional.irg_loss`.
+    whose ``pool`` is the global average of ``stage3``.
+
+    Defaults: squared Euclidean distances divided by their maximum (the authors' Caffe code,
+    yufanLIU/IRG ``batch_euclidean_map_layer.cpp`` / ``batch_euclidean_vector_layer.cpp``;
+    ``squared=False`` for plain distances). λ = 0.1 / 5 / 5 are not from the paper's text (not
+    readable here) but AberHu/Knowledge-Distillation-Zoo's ``w_irg_vert / w_irg_edge /
+    w_irg_tran``; the authors' prototxts use 0.005 per edge / transformation term with Caffe's
+    ``EuclideanLoss`` (= λ 0.005·B/2 here) and no vertex term. See
+    :func:`distill.functional.irg_loss`.
     """
 
     def __init__(
@@ -51,7 +58,7 @@ class IRG(Method):
         vertex_weight: float = 0.1,
         edge_weight: float = 5.0,
         transformation_weight: float = 5.0,
-        squared: bool = False,
+        squared: bool = True,
         normalize: bool = True,
         weight: float = 1.0,
         warmup_epochs: int = 0,

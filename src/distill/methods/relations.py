@@ -202,7 +202,15 @@ class CC(_EmbeddingRelation):
     The student's tap passes through a trainable linear embedding to the teacher's dimension
     (built by :meth:`prepare`; ``adapter=None`` compares the raw student features, which also
     works since only n×n matrices are compared); both embeddings are L2-normalised inside the
-    kernel. γ = 0.4, P = 2.
+    kernel.
+
+    Defaults γ = 0.4, P = 2: the paper's text could not be read here (arXiv 1904.01802, abstract
+    only); the values are those of torchdistill's ILSVRC2012 CCKD config
+    (``configs/sample/ilsvrc2012/cckd/resnet18_from_resnet50.yaml``: ``gamma: 0.4, max_p: 2``)
+    and AberHu/Knowledge-Distillation-Zoo's CC arguments. That torchdistill config weights CC
+    by 0.003 next to KD, but on un-normalised 128-d linear embeddings of both networks and with
+    the Frobenius norm of ΔK (``torch.dist``, not its square over n²), so its 0.003 does not
+    carry over: ``weight`` stays 1.
     """
 
     requires_prepare = True  # the linear embedding is built from example shapes, before the optimizer

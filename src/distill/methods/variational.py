@@ -90,6 +90,13 @@ class VID(Method):
     ``reduction="sum"`` is the paper's normalisation; the authors' code and RepDistiller average
     over all B·C·H·W elements instead (``reduction="mean"``, = the paper's value / (C·H·W) per
     pair), with weight 1: use ``reduction="mean"`` to reproduce RepDistiller's scale.
+
+    Defaults: the paper's text could not be read here (arXiv 1904.05835, abstract only). The
+    variance parametrisation σ² = softplus(α) + ε with ε = 1e-5, σ² initialised to 5.0, the
+    three-1x1-conv regressor and weight 1 per pair are those of RepDistiller
+    ``distiller_zoo/VID.py`` (``init_pred_var=5.0, eps=1e-5``; "code from author",
+    ssahn0215/variational-information-distillation, not available here) and its ``-b 1``.
+    All λ_k are equal (the method's ``weight``).
     """
 
     requires_prepare = True  # regressors and variances are sized from example shapes
@@ -237,7 +244,17 @@ class FT(Method):
     it (see :meth:`paraphraser_loss`); during transfer it is frozen: it runs under ``no_grad``
     and its parameters get ``requires_grad=False`` from :meth:`prepare` and each epoch start.
     The translator trains with the student. Factor spatial sizes that differ by an integer
-    factor are average-pooled to the smaller one. The default weight β = 200 is RepDistiller's.
+    factor are average-pooled to the smaller one.
+
+    Defaults k = 0.5, p = 1, ``reduction="mean"``, weight β = 500: the paper's text could not be
+    read here (arXiv 1802.04977, abstract only); these are the authors' code
+    (Jangho-Kim/Factor-Transfer-pytorch ``train_student.py``: ``--rate 0.5``, ``--beta 500``,
+    ``BETA * nn.L1Loss()(FT(factor_s), FT(factor_t))``), i.e. the L1 distance of the normalised
+    factors averaged over their B·D entries. ``reduction="sum"`` is the per-sample norm as the
+    paper writes it: D (= C'·H·W) times larger, so β must shrink accordingly
+    (:func:`distill.functional.ft_factor_loss`). RepDistiller's ``-b 200`` weights a different,
+    attention-map-like factor loss and does not carry over. The authors' translator and
+    paraphraser have no BatchNorm; :class:`Translator` keeps RepDistiller's (``use_bn=True``).
 
     Protocol (RepDistiller: 30 pre-training epochs, SGD lr 0.01 for ResNet/WRN students, 0.05
     otherwise; its reconstruction loss is ``nn.MSELoss``, i.e. ``reduction="mean"``)::
@@ -249,6 +266,7 @@ class FT(Method):
     """
 
     requires_prepare = True  # paraphraser and translator are sized from example shapes
+    stages = ("ft_paraphraser",)  # the paper's first stage: fit_hint_stage(d, loader, method="ft_paraphraser")
 
     def __init__(
         self,
@@ -256,7 +274,8 @@ class FT(Method):
         teacher_tap: str = "stage3",
         factor_rate: float = 0.5,
         p: float = 1.0,
-        weight: float = 200.0,
+        reduction: str = "mean",
+        weight: float = 500.0,
         warmup_epochs: int = 0,
     ) -> None:
         super().__init__(weight=weight, warmup_epochs=warmup_epochs)
@@ -264,8 +283,11 @@ class FT(Method):
             raise ValueError(f"factor_rate must be > 0, got {factor_rate}")
         if p <= 0:
             raise ValueError(f"p must be > 0, got {p}")
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"reduction must be 'mean' (the authors' code) or 'sum' (the paper's per-sample norm), "
+                             f"got {reduction!r}")
         self.student_tap, self.teacher_tap = str(student_tap), str(teacher_tap)
-        self.factor_rate, self.p = float(factor_rate), float(p)
+        self.factor_rate, self.p, self.reduction = float(factor_rate), float(p), reduction
         self.student_taps = [self.student_tap]
         self.teacher_taps = [self.teacher_tap]
         self.paraphraser: Paraphraser | None = None
@@ -295,6 +317,12 @@ class FT(Method):
             if frozen:
                 for p in self.paraphraser.parameters():
                     p.grad = None
+
+    def stage_method(self, name: str) -> Method:
+        """``"ft_paraphraser"``: the paraphraser's pre-training loss, sharing this FT's paraphraser."""
+        if name != "ft_paraphraser":
+            return super().stage_method(name)
+        return self.paraphraser_loss()
 
     def paraphraser_loss(self, reduction: str = "sum", weight: float = 1.0) -> FTParaphraser:
         """A ``"ft_paraphraser"`` method bound to this FT's paraphraser (same module, same weights)."""
@@ -339,11 +367,11 @@ class FT(Method):
 
     def forward(self, student_view: View, teacher_view: View, batch: Batch) -> Tensor:
         factor_s, factor_t = self.factors(student_view, teacher_view)
-        return DF.ft_factor_loss(factor_s, factor_t, self.p)
+        return DF.ft_factor_loss(factor_s, factor_t, self.p, self.reduction)
 
     def extra_repr(self) -> str:
         return (f"{self.student_tap} -> {self.teacher_tap}, factor_rate={self.factor_rate}, p={self.p}, "
-                f"weight={self.weight}")
+                f"reduction={self.reduction}, weight={self.weight}")
 
 
 @register("ft_paraphraser", "features", _FT_PAPER)
@@ -356,7 +384,9 @@ class FTParaphraser(Method):
     reachable as :attr:`ft`. While this method trains (its :meth:`prepare` and each epoch start)
     the paraphraser's parameters require grad; :class:`FT` freezes them again.
     ``reduction="sum"`` is the paper's squared norm per sample; RepDistiller's ``nn.MSELoss`` is
-    ``reduction="mean"`` (÷ C·H·W).
+    ``reduction="mean"`` (÷ C·H·W). The authors' code trains the paraphraser with ``nn.L1Loss``
+    (mean absolute error) instead, lr 0.1 for ``--epoch 5`` (Jangho-Kim/Factor-Transfer-pytorch
+    ``train_Paraphraser.py``).
     """
 
     requires_prepare = True

@@ -17,6 +17,9 @@ def evaluate(distiller: Any, loader: Iterable[Any], device: torch.device | str |
              *, with_teacher: bool = True, teacher_cache: list[torch.Tensor] | None = None) -> dict[str, float]:
     """Evaluate the student (and the teacher, when there is one) on ``loader``.
 
+    The student is evaluated through ``distiller.predictor()``: the student itself, or the model
+    a method says predicts (SimKD's student trunk → projector → teacher classifier).
+
     Returns a dict with ``student_acc`` (top-1, %), and with a teacher ``teacher_acc`` (%),
     ``agreement`` (% of samples where the argmaxes agree) and ``kl_to_teacher``
     (mean over samples of KL(p_teacher ‖ p_student) at temperature 1, in nats).
@@ -25,7 +28,8 @@ def evaluate(distiller: Any, loader: Iterable[Any], device: torch.device | str |
     read on later calls; only valid for a teacher that does not change and a loader that
     yields the same batches in the same order (``fit`` checks both).
     """
-    student = distiller.student
+    # what predicts after training: the student, or a method's predictor (SimKD's reused classifier)
+    student = distiller.predictor() if hasattr(distiller, "predictor") else distiller.student
     teacher = distiller.teacher if with_teacher else None
     modes = {m: m.training for m in student.modules()}  # restored per module (a frozen BN stays frozen)
     student.eval()

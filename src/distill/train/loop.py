@@ -293,7 +293,9 @@ def _fit(distiller: Any, train_loader: Iterable[Any], val_loader: Iterable[Any] 
                 if result.best_acc is None or acc > result.best_acc:
                     result.best_acc, result.best_epoch = acc, epoch
                     if ckpt_dir is not None:
+                        # the methods' parts too: a method's predictor (SimKD's projector) is part of the model
                         save_checkpoint(ckpt_dir / "best.pt", {"student": distiller.student.state_dict(),
+                                                              "methods": distiller.methods.state_dict(),
                                                               "epoch": epoch, "val_student_acc": acc})
                 row["best_acc"] = result.best_acc
             row["time_s"] = time.perf_counter() - t0

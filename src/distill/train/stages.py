@@ -20,16 +20,32 @@ def fit_hint_stage(distiller: Any, train_loader: Iterable[Any], *, method: str =
 
     ``weight``: the loss weight during this stage (default: the method's own, or 1 when that is
     0, i.e. when the method only initialises, as AB does, and is off in stage 2).
+
+    ``method`` may also name a stage that one of the losses offers (``Method.stages``): FT's
+    ``"ft_paraphraser"`` pre-trains FT's paraphraser (Kim et al., NeurIPS 2018, arXiv 1802.04977).
     """
     from distill.distiller import Distiller
 
-    if method not in distiller.methods:
-        raise KeyError(f"the distiller has no loss named {method!r}; it has {list(distiller.methods)}")
-    hint = distiller.methods[method]
+    offered_stage = method not in distiller.methods
+    if not offered_stage:
+        hint = distiller.methods[method]
+    else:  # a stage a method offers (FT's paraphraser pre-training), sharing that method's parts
+        owners = [m for m in distiller.methods.values() if method in m.stages]
+        if not owners:
+            offered = sorted({s for m in distiller.methods.values() for s in m.stages})
+            raise KeyError(f"the distiller has no loss or stage named {method!r}; it has losses "
+                           f"{list(distiller.methods)}" + (f" and stages {offered}" if offered else ""))
+        if not distiller.prepared:  # the owner's parts (FT's paraphraser) are built by prepare
+            distiller.prepare(next(iter(train_loader)))
+        hint = owners[0].stage_method(method)
+        # the stage may unfreeze the owner's parts (FT's paraphraser): restore the flags afterwards
+        flags = [(p, p.requires_grad) for p in owners[0].parameters()]
     main_weight = hint.weight
     stage_weight = weight if weight is not None else (main_weight or 1.0)
     stage = Distiller(distiller.student, distiller.teacher, losses={method: (stage_weight, hint)})
-    if distiller.prepared:
+    if offered_stage:  # a fresh stage loss builds (and unfreezes) its parts before the optimizer
+        stage.prepare(next(iter(train_loader)))
+    elif distiller.prepared:
         stage.prepared = True
     else:  # build the hint's adapter now, on the Distiller the stage-2 optimizer will read
         distiller.prepare(next(iter(train_loader)))
@@ -38,6 +54,9 @@ def fit_hint_stage(distiller: Any, train_loader: Iterable[Any], *, method: str =
         result = fit(stage, train_loader, None, epochs=epochs, **fit_kwargs)
     finally:
         hint.weight = main_weight
+        if offered_stage:
+            for p, flag in flags:
+                p.requires_grad_(flag)
         stage.detach_taps()
         distiller.attach()
     return result
