@@ -7,8 +7,8 @@ weight from ``METHOD_LOSSES`` below), over several seeds, on a subset of the tra
 Prints a table of mean ± std of last- and best-epoch top-1 and agreement with the teacher,
 the scratch baseline beside them, and writes it into docs/benchmarks.md with --write-docs.
 
-    python benchmarks/accuracy.py [--data fashion_mnist] [--seeds 3] [--epochs 5] [--teacher-epochs 3]
-        [--train-subset 4000] [--val-subset 5000] [--workers 2] [--methods kd dkd ...] [--write-docs]
+    python benchmarks/accuracy.py [--data fashion_mnist] [--seeds 3] [--epochs 4] [--teacher-epochs 3]
+        [--train-subset 3000] [--val-subset 4000] [--workers 2] [--methods kd dkd ...] [--write-docs]
 
 Runs go to ``--workers`` processes with one thread each (on small models two single-thread
 processes beat one two-thread process). Special protocols: FitNets, AB, FSP and FT start with
@@ -126,11 +126,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="fashion_mnist", choices=["fashion_mnist", "mnist"])
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--teacher-epochs", type=int, default=3)
     ap.add_argument("--teacher-subset", type=int, default=30000, help="training images the teacher sees")
-    ap.add_argument("--train-subset", type=int, default=4000, help="training images each student sees")
-    ap.add_argument("--val-subset", type=int, default=5000, help="test images evaluated each epoch")
+    ap.add_argument("--train-subset", type=int, default=3000, help="training images each student sees")
+    ap.add_argument("--val-subset", type=int, default=4000, help="test images evaluated each epoch")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--methods", nargs="+", default=None)
     ap.add_argument("--workers", type=int, default=2, help="runs in parallel, one thread each")
