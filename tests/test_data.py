@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from distill.batch import Batch
 from distill.data import (
+    Augment,
     Compose,
     IDXFormatError,
     IndexedTensorDataset,
@@ -277,24 +278,88 @@ def test_loader_rejects_bad_arguments():
         InMemoryLoader(torch.zeros(5, 3), y, batch_size=2, augment=RandomHorizontalFlip())
 
 
-def test_loader_augmentation_is_a_function_of_seed_epoch_and_batch():
+def test_loader_augmentation_is_a_function_of_seed_epoch_and_sample():
     x = torch.randn(37, 2, 6, 6)
     aug = Compose([RandomCropPad(2), RandomHorizontalFlip()])
 
-    def run(epoch: int, seed: int = 0) -> list[torch.Tensor]:
-        loader = InMemoryLoader(x, None, batch_size=8, augment=aug, seed=seed, return_index=True)
+    def run(epoch: int, seed: int = 0, batch_size: int = 8, **kw) -> list:
+        loader = InMemoryLoader(x, None, batch_size=batch_size, augment=aug, seed=seed, return_index=True, **kw)
         loader.set_epoch(epoch)
-        return [b.inputs for b in loader]
+        return list(loader)
 
-    assert all(torch.equal(a, b) for a, b in zip(run(2), run(2)))
-    assert not torch.equal(run(2)[0], run(3)[0])
+    def views(batches: list) -> torch.Tensor:  # each sample's view, in data-set order
+        out = torch.empty_like(x)
+        for b in batches:
+            out[b.index] = b.inputs
+        return out
 
-    # The per-batch generator replays the exact parameters a batch was augmented with.
+    assert all(torch.equal(a.inputs, b.inputs) for a, b in zip(run(2), run(2)))
+    assert not torch.equal(views(run(2)), views(run(3)))
+    # a sample's view depends on (augment_seed, epoch, index) only: not on its batch or the order seed
+    assert torch.equal(views(run(2)), views(run(2, batch_size=5)))
+    assert torch.equal(views(run(2)), views(run(2, seed=9, augment_seed=0)))
+    assert not torch.equal(views(run(2)), views(run(2, seed=9)))  # augment_seed defaults to seed
+
+    # augment_params replays the exact parameters of any subset of samples
     loader = InMemoryLoader(x, None, batch_size=8, augment=aug, seed=0, return_index=True)
     loader.set_epoch(2)
-    for k, batch in enumerate(loader):
-        params = aug.sample_params(len(batch), loader.augment_generator(k))
-        assert torch.equal(aug.apply(x[batch.index], params), batch.inputs)
+    for batch in loader:
+        assert torch.equal(aug.apply(x[batch.index], loader.augment_params(batch.index)), batch.inputs)
+        i = batch.index[-1:]
+        assert torch.equal(aug.apply(x[i], loader.augment_params(i, epoch=2)), batch.inputs[-1:])
+
+
+def test_loader_plain_callable_augment_gets_a_per_batch_generator():
+    x = torch.randn(10, 1, 4, 4)
+    seen = []
+
+    def noisy(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        seen.append(generator)
+        return batch + torch.randn(batch.shape, generator=generator)
+
+    loader = InMemoryLoader(x, None, batch_size=5, augment=noisy, shuffle=False)
+    first = [b.inputs for b in loader]
+    assert len(seen) == 2 and all(torch.equal(a, b.inputs) for a, b in zip(first, loader))
+    expected = x[:5] + torch.randn((5, 1, 4, 4), generator=loader.augment_generator(0))
+    assert torch.equal(first[0], expected)
+    with pytest.raises(TypeError, match="augment_params needs an Augment"):
+        loader.augment_params(torch.arange(2))
+
+
+def test_sample_keys_are_per_sample_and_match_the_scalar_mixer():
+    from distill.data.augment import SampleKeys, _chain, _splitmix64
+
+    keys = SampleKeys.of(3, 1, torch.tensor([0, 5, 7]))
+    # sample i's key is splitmix64 chained over (seed, epoch, 1, i), written with Python ints
+    assert keys.keys.tolist() == [_chain(3, 1, 1, i) for i in (0, 5, 7)]
+    assert keys.bits(4).tolist() == [_splitmix64(k ^ _splitmix64(4)) for k in keys.keys.tolist()]
+    sub = SampleKeys.of(3, 1, [7])
+    assert keys.uniform(2)[2] == sub.uniform(2)[0] and keys.integers(5, 1)[2] == sub.integers(5, 1)[0]
+    u = SampleKeys.of(0, 0, torch.arange(4000)).uniform()
+    assert u.dtype == torch.float64 and 0 <= u.min() and u.max() < 1 and abs(float(u.mean()) - 0.5) < 0.02
+    n = SampleKeys.of(0, 0, torch.arange(4000)).integers(5)
+    assert set(n.tolist()) == set(range(5)) and n.dtype == torch.int64
+    assert not torch.equal(keys.child(0).uniform(), keys.child(1).uniform())
+    with pytest.raises(ValueError, match="1-d integer index"):
+        SampleKeys.of(0, 0, torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="indices >= 0; got -1"):
+        SampleKeys.of(0, 0, [-1])
+
+
+def test_augment_specs_and_per_sample_flag():
+    aug = Compose([RandomCropPad(2, fill=-1.0), RandomHorizontalFlip(0.25)])
+    assert aug.spec() == {"type": "Compose", "transforms": [
+        {"type": "RandomCropPad", "padding": 2, "fill": -1.0}, {"type": "RandomHorizontalFlip", "p": 0.25}]}
+    assert aug.per_sample
+
+    class BatchOnly(RandomHorizontalFlip):  # written before per-sample draws existed
+        params_for = Augment.params_for
+
+    legacy = Compose([BatchOnly()])
+    assert not legacy.per_sample
+    x = torch.randn(6, 1, 3, 3)
+    loader = InMemoryLoader(x, None, batch_size=3, augment=legacy, return_index=True)
+    assert all(torch.equal(a.inputs, b.inputs) for a, b in zip(loader, loader))  # still reproducible
 
 
 # ---------------------------------------------------------------------------------- augmentation

@@ -1,10 +1,11 @@
-"""The ``distill`` command: demo, run, train, methods, compare."""
+"""The ``distill`` command: demo, run, train, methods, compare, cache."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from rich.console import Console
 
@@ -16,7 +17,6 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from distill.methods import list_methods
-
     from distill.teachers import list_teacher_sources
 
     infos = list_methods(args.family)
@@ -93,6 +93,44 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cache_build(args: argparse.Namespace) -> int:
+    from distill.recipes import CacheSpec, RecipeError, load_recipe
+    from distill.runner import run_recipe
+
+    recipe = load_recipe(args.recipe)
+    if recipe.kind != "distill" or recipe.teacher is None:
+        raise RecipeError(f"{args.recipe} has no teacher: there is nothing to cache")
+    spec = recipe.teacher.cache or CacheSpec(path=str(Path(args.runs or recipe.output_dir) / recipe.name / "teacher_cache"))
+    overrides = {k: v for k, v in (("path", args.out), ("topk", args.topk), ("dtype", args.dtype),
+                                   ("epochs", args.epochs), ("temperature", args.temperature)) if v is not None}
+    if args.plain:
+        overrides["views"] = "plain"
+    if args.taps is not None:
+        overrides["taps"] = [t for t in args.taps.split(",") if t]
+    spec = CacheSpec.model_validate({**spec.model_dump(), **overrides})
+    path = Path(spec.path)
+    if (path / "manifest.json").exists():
+        if not args.overwrite:
+            raise FileExistsError(f"a teacher cache already exists at {str(path)!r}; pass --overwrite to rebuild it")
+        (path / "manifest.json").unlink()
+    recipe = recipe.model_copy(update={"teacher": recipe.teacher.model_copy(update={"cache": spec})})
+    run_recipe(recipe, out_dir=args.runs, progress=not args.no_progress, cache_only=True)
+    from distill.cache import open_cache
+
+    console.print(open_cache(path).describe(), highlight=False)
+    console.print(f"use it: teacher: {{cache: {path}}} in the recipe (with the same data and augmentation)")
+    return 0
+
+
+def _cmd_cache_info(args: argparse.Namespace) -> int:
+    from distill.cache import open_cache
+
+    cache = open_cache(args.path, verify="open")
+    console.print(cache.describe(), highlight=False)
+    console.print("checksums: ok")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from distill.demo import run_demo
 
@@ -133,6 +171,30 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--table", action="store_true", help="a table even on a narrow terminal")
     m.set_defaults(func=_cmd_methods)
 
+    cache = sub.add_parser("cache", help="teacher-output caches: build one from a recipe, inspect one")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True)
+    cb = cache_sub.add_parser("build", help="run a recipe's teacher once over its training set and store the outputs")
+    cb.add_argument("recipe", help="path of a YAML distillation recipe")
+    cb.add_argument("--out", default=None,
+                    help="cache folder (default: the recipe's teacher.cache.path, else RUNS/NAME/teacher_cache)")
+    cb.add_argument("--topk", type=int, default=None, help="store the k largest logits and the tail (default: all)")
+    cb.add_argument("--dtype", choices=["fp16", "fp32"], default=None, help="storage dtype (default fp32)")
+    cb.add_argument("--epochs", type=int, default=None,
+                    help="epochs of augmented views to store (default: the recipe's training epochs)")
+    cb.add_argument("--temperature", type=float, default=None,
+                    help="T at which a top-k cache's tail mass is exact (default: the losses' T)")
+    cb.add_argument("--taps", default=None, help="comma-separated teacher taps to store (default: what the losses need)")
+    cb.add_argument("--plain", action="store_true", help="store the teacher's outputs on un-augmented inputs")
+    cb.add_argument("--runs", default=None,
+                    help="parent folder of the recipe's runs, where an in-run teacher is trained or reused "
+                         "(default: the recipe's output_dir)")
+    cb.add_argument("--overwrite", action="store_true", help="rebuild a cache that exists")
+    cb.add_argument("--no-progress", action="store_true")
+    cb.set_defaults(func=_cmd_cache_build)
+    ci = cache_sub.add_parser("info", help="describe a cache and verify its checksums")
+    ci.add_argument("path", help="cache folder")
+    ci.set_defaults(func=_cmd_cache_info)
+
     c = sub.add_parser("compare", help="one table over run folders")
     c.add_argument("runs", nargs="+", help="run folders, or folders holding run folders")
     c.set_defaults(func=_cmd_compare)
@@ -146,10 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/yellow]: the last epoch's checkpoint is kept; rerun with --resume")
         return 130
-    except (ValueError, KeyError, TypeError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, KeyError, TypeError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         from distill.recipes import RecipeError
 
-        user_error = isinstance(e, (RecipeError, FileNotFoundError, KeyError, ValueError))
+        user_error = isinstance(e, (RecipeError, FileNotFoundError, FileExistsError, KeyError, ValueError))
         if user_error or type(e).__module__.startswith("distill"):
             msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
             from rich.markup import escape

@@ -87,8 +87,28 @@ class HintStageSpec(_Strict):
     train: TrainSpec
 
 
+class CacheSpec(_Strict):
+    """A teacher-output cache (:mod:`distill.cache`): built at ``path`` on first use, checked on later ones.
+
+    ``views``: ``augmented`` stores the teacher's outputs for the exact augmented view of each
+    sample in each epoch (every seed's student then draws its augmentation with
+    ``augment_seed``); ``plain`` stores them for the un-augmented inputs, once.
+    """
+
+    path: str
+    views: Literal["augmented", "plain"] = "augmented"
+    topk: int | None = Field(None, gt=0, description="store the k largest logits and the tail (default: all)")
+    dtype: Literal["fp16", "fp32"] = "fp32"
+    epochs: int | None = Field(None, gt=0, description="augmented epochs to store (default: the training epochs)")
+    temperature: float | None = Field(None, gt=0, description="T of a top-k cache's exact tail (default: the losses')")
+    augment_seed: int = Field(0, ge=0)
+    taps: list[str] | None = None  # teacher taps to store (default: those the losses read)
+    verify: Literal["open", "lazy"] = "open"
+
+
 class TeacherSpec(_Strict):
-    """One teacher (``model``) or an ensemble (``ensemble``), each from a checkpoint or trained first."""
+    """One teacher (``model``) or an ensemble (``ensemble``), each from a checkpoint or trained first;
+    ``cache`` (a path, or a :class:`CacheSpec`) reads its outputs from a teacher cache instead."""
 
     model: ModelSpec | None = None
     ensemble: list[ModelSpec] | None = None
@@ -98,6 +118,12 @@ class TeacherSpec(_Strict):
     train: TrainSpec | None = None  # train missing checkpoints first with this protocol
     label_smoothing: float = Field(0.0, ge=0, lt=1)  # used when the teacher is trained here
     train_subset: int | None = Field(None, gt=0)  # teachers trained here see the whole training split by default
+    cache: CacheSpec | None = None
+
+    @field_validator("cache", mode="before")
+    @classmethod
+    def _cache_path(cls, v: Any) -> Any:
+        return {"path": v} if isinstance(v, str) else v  # `cache: PATH` is short for `cache: {path: PATH}`
 
     @model_validator(mode="after")
     def _one(self) -> TeacherSpec:

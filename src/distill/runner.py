@@ -123,8 +123,12 @@ def ls_notes(metadata: dict[str, Any] | None, losses: dict[str, dict[str, Any]])
 
 
 def run_recipe(recipe: Recipe, *, out_dir: str | Path | None = None, progress: bool = True,
-               resume: bool = False, seeds: list[int] | None = None) -> list[Path]:
+               resume: bool = False, seeds: list[int] | None = None, cache_only: bool = False) -> list[Path]:
     """Run every seed of a recipe; returns the run folders (``OUT/NAME/seed<k>``).
+
+    With ``teacher.cache`` the students read the teacher's outputs from that cache (built first
+    when it does not exist; :mod:`distill.cache`). ``cache_only``: stop once the cache is ready
+    and return ``[its path]`` (``distill cache build``).
 
     Everything that can be checked is checked before any training: models are built, the
     Distiller is constructed (tap paths resolved) and prepared on one batch (adapter shapes).
@@ -136,6 +140,10 @@ def run_recipe(recipe: Recipe, *, out_dir: str | Path | None = None, progress: b
     from distill.train.checkpoint import load_model
 
     losses = validate_losses(recipe.losses)
+    if cache_only and (recipe.kind != "distill" or recipe.teacher is None or recipe.teacher.cache is None):
+        from distill.recipes import RecipeError
+
+        raise RecipeError(f"{recipe.name}: cache_only needs a distillation recipe whose teacher has a 'cache' section")
     base = Path(out_dir or recipe.output_dir) / recipe.name
     base.mkdir(parents=True, exist_ok=True)
     (base / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
@@ -214,11 +222,19 @@ def run_recipe(recipe: Recipe, *, out_dir: str | Path | None = None, progress: b
             teacher = FrozenTeacher(teacher_models[0], dtype=dtype, metadata=metadata)
         else:
             teacher = EnsembleTeacher(teacher_models, combine=t.combine, temperature=t.temperature, metadata=metadata)
+        if t.cache is not None:
+            from distill.cache import recipe_cached_teacher
+
+            teacher = recipe_cached_teacher(recipe, losses, teacher, data[0], progress=progress)
+    if cache_only and recipe.teacher is not None and recipe.teacher.cache is not None:
+        return [Path(recipe.teacher.cache.path)]
 
     dirs = []
     for s in seeds:
         run_dir = base / f"seed{s}"
         train_loader, val_loader, _ = build_data(recipe.data, seed=s)
+        if hasattr(teacher, "prepare_loader"):  # a cached teacher: this seed's loader draws the cached views
+            teacher.prepare_loader(train_loader)
         torch.manual_seed(s)
         student = build_model(recipe.student, info["num_classes"], info["in_channels"])
         d = make_distiller(student, teacher)

@@ -1,8 +1,8 @@
 """Teacher sources: what turns a batch into the teacher's view ``{"logits": (B, K), tap: tensor, ...}``.
 
 A teacher source is an ``nn.Module`` with ``forward(batch) -> View``. This module has the
-frozen model and the ensemble; the cache, the EMA copy, peers and the student's own deeper exit
-plug into the same interface (:class:`TeacherSource`).
+frozen model and the ensemble; the cache (:class:`distill.cache.CachedTeacher`), the EMA copy,
+peers and the student's own deeper exit plug into the same interface (:class:`TeacherSource`).
 """
 
 from __future__ import annotations
@@ -218,6 +218,7 @@ def check_logits(view: View, who: str) -> Tensor:
 
 def list_teacher_sources() -> list[dict[str, Any]]:
     """Teacher sources with the papers they implement, for ``distill methods``."""
+    from distill.cache import CachedTeacher
     from distill.methods.base import Paper
 
     return [
@@ -228,4 +229,11 @@ def list_teacher_sources() -> list[dict[str, Any]]:
                     Paper("Using a Neural Network to Approximate an Ensemble of Classifiers",
                           "X. Zeng, T. R. Martinez", 2000, None, "Neural Processing Letters")],
          "defaults": {"combine": "probs", "temperature": 1.0, "weights": None}},
+        {"name": "cached", "cls": CachedTeacher,
+         "summary": "the teacher's outputs stored once per sample and augmented view, read by sample index",
+         "papers": [Paper("A Fast Knowledge Distillation Framework for Visual Recognition", "Z. Shen, E. Xing", 2022,
+                          "2112.01528", "ECCV"),
+                    Paper("TinyViT: Fast Pretraining Distillation for Small Vision Transformers",
+                          "K. Wu, J. Zhang, H. Peng, M. Liu, B. Xiao, J. Fu, L. Yuan", 2022, "2207.10666", "ECCV")],
+         "defaults": {"topk": None, "dtype": "fp32", "views": "augmented", "verify": "open"}},
     ]

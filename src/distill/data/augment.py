@@ -1,14 +1,18 @@
-"""Batched, tensor-side image augmentation.
+"""Batched, tensor-side image augmentation whose random parameters can be replayed per sample.
 
 Every transform works on a whole batch ``x`` of shape ``(B, C, H, W)`` at once, with no Python
 loop over samples. Randomness is split from application:
 
-* ``sample_params(batch_size, generator)`` draws the per-sample parameters (tensors whose first
-  axis is the batch, always drawn on the generator's device, normally the CPU);
+* ``params_for(keys)`` draws the per-sample parameters from :class:`SampleKeys`, counter-based
+  random numbers where sample ``i``'s draws are a pure function of ``(seed, epoch, i)``: the
+  same sample gets the same crop and flip in an epoch whatever batch it lands in, so a teacher
+  cache can store the teacher's outputs for the exact views the student will see (FKD, Shen &
+  Xing, ECCV 2022, arXiv 2112.01528). :class:`~distill.data.loader.InMemoryLoader` uses this.
+* ``sample_params(batch_size, generator)`` draws them from a ``torch.Generator`` instead (for
+  use outside the loader);
 * ``apply(x, params)`` applies them deterministically.
 
-``transform(x, generator)`` does both. Keeping the parameters lets later code replay the exact
-same augmented view (e.g. to cache a teacher's outputs per view) and slice them per sample
+Parameters are tensors whose first axis is the batch (on the CPU), so they slice per sample
 (``params[i]``) like any other tensor.
 """
 
@@ -17,11 +21,111 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Augment", "Compose", "RandomCropPad", "RandomHorizontalFlip"]
+__all__ = ["Augment", "Compose", "RandomCropPad", "RandomHorizontalFlip", "SampleKeys", "mix_seed"]
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+_M1, _M2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+KEY_DERIVATION = "splitmix64(seed, epoch, 1, index)/v1"
+"""Names the per-sample key scheme; a teacher cache records it so a future change is detected."""
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + _GOLDEN) & _MASK64
+    x = ((x ^ (x >> 30)) * _M1) & _MASK64
+    x = ((x ^ (x >> 27)) * _M2) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _splitmix64_np(x: np.ndarray) -> np.ndarray:
+    """:func:`_splitmix64` on a ``uint64`` array (NumPy array arithmetic wraps modulo 2**64)."""
+    x = x + np.uint64(_GOLDEN)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(_M1)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(_M2)
+    return x ^ (x >> np.uint64(31))
+
+
+def _chain(*parts: int) -> int:
+    h = 0
+    for p in parts:
+        h = _splitmix64(h ^ (int(p) & _MASK64))
+    return h
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed that is a pure function of the integers ``parts``.
+
+    Used so that (seed, epoch) and (seed, epoch, batch) give unrelated, reproducible streams;
+    plain ``seed + epoch`` would make run ``seed=1, epoch=0`` replay ``seed=0, epoch=1``.
+    """
+    return _chain(*parts) >> 1  # torch.Generator.manual_seed accepts any non-negative 64-bit value; keep margin
+
+
+class SampleKeys:
+    """Counter-based random numbers, one independent stream per sample.
+
+    Sample ``i``'s key is ``splitmix64`` chained over ``(seed, epoch, 1, i)`` (the tag ``1`` keeps
+    these draws apart from the loader's permutation, tag ``0``); draw number ``slot`` of a
+    transform is ``splitmix64(key ^ splitmix64(slot))``. Nothing depends on the batch a sample is
+    in or on how many samples came before it, which is what lets a cache replay one sample's
+    view exactly (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011, for the
+    counter-based idea).
+
+    Build with :meth:`of`; transforms read :meth:`uniform` and :meth:`integers` and give each
+    sub-transform its own stream with :meth:`child`.
+    """
+
+    __slots__ = ("keys",)
+
+    def __init__(self, keys: np.ndarray) -> None:
+        self.keys = np.ascontiguousarray(keys, dtype=np.uint64).reshape(-1)
+
+    @classmethod
+    def of(cls, seed: int, epoch: int, index: Tensor | np.ndarray | Sequence[int]) -> SampleKeys:
+        """Keys of the samples ``index`` ``(B,)`` (positions in the data set) in ``epoch``."""
+        if isinstance(index, Tensor):
+            index = index.detach().cpu().numpy()
+        idx = np.asarray(index)
+        if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
+            raise ValueError(f"SampleKeys.of expects a 1-d integer index; got shape {idx.shape}, dtype {idx.dtype}")
+        if idx.size and int(idx.min()) < 0:
+            raise ValueError(f"SampleKeys.of expects sample indices >= 0; got {int(idx.min())}")
+        prefix = np.uint64(_chain(seed, epoch, 1))
+        return cls(_splitmix64_np(idx.astype(np.uint64) ^ prefix))
+
+    def __len__(self) -> int:
+        return int(self.keys.shape[0])
+
+    def child(self, tag: int) -> SampleKeys:
+        """An independent stream per sample for sub-transform ``tag`` (``Compose`` item ``tag``)."""
+        return SampleKeys(_splitmix64_np(self.keys ^ np.uint64(_splitmix64(0x5EED0000 + int(tag)))))
+
+    def bits(self, slot: int = 0) -> np.ndarray:
+        """64 random bits per sample ``(B,)`` ``uint64`` for draw number ``slot``."""
+        return _splitmix64_np(self.keys ^ np.uint64(_splitmix64(int(slot))))
+
+    def uniform(self, slot: int = 0) -> Tensor:
+        """Uniform numbers in ``[0, 1)``, float64 ``(B,)``: the top 53 bits of :meth:`bits`."""
+        return torch.from_numpy((self.bits(slot) >> np.uint64(11)).astype(np.float64) * 2.0**-53)
+
+    def integers(self, high: int, slot: int = 0) -> Tensor:
+        """Integers in ``[0, high)``, int64 ``(B,)``, by a 32-bit multiply-shift (bias < high / 2**32)."""
+        if not 1 <= high <= 2**32:
+            raise ValueError(f"SampleKeys.integers: high must be in [1, 2**32]; got {high}")
+        top = self.bits(slot) >> np.uint64(32)
+        return torch.from_numpy(((top * np.uint64(high)) >> np.uint64(32)).astype(np.int64))
+
+    def batch_seed(self) -> int:
+        """One seed from all keys, in order: a batch-level stream for transforms without per-sample draws."""
+        if not len(self):
+            return 0
+        positions = _splitmix64_np(np.arange(len(self), dtype=np.uint64))
+        return _splitmix64(int(np.bitwise_xor.reduce(_splitmix64_np(self.keys ^ positions)))) >> 1
 
 
 def _check_images(x: Tensor, who: str) -> None:
@@ -38,14 +142,33 @@ def _check_params_batch(params: Tensor, x: Tensor, who: str) -> None:
 
 
 class Augment:
-    """Base class: subclasses implement :meth:`sample_params` and :meth:`apply`."""
+    """Base class: subclasses implement :meth:`sample_params`, :meth:`apply` and, to be replayable
+    per sample (what the loader and the teacher cache rely on), :meth:`params_for`."""
 
     def sample_params(self, batch_size: int, generator: torch.Generator | None = None) -> Any:
-        """Draw the random parameters for ``batch_size`` samples."""
+        """Draw the random parameters for ``batch_size`` samples from ``generator``."""
         raise NotImplementedError
 
+    def params_for(self, keys: SampleKeys) -> Any:
+        """Per-sample parameters for ``len(keys)`` samples, each a pure function of its key.
+
+        The default (for subclasses that only implement :meth:`sample_params`) seeds one
+        generator from the whole batch's keys: reproducible per batch, not per sample, so such a
+        transform cannot be cached per view (:attr:`per_sample` is ``False``).
+        """
+        return self.sample_params(len(keys), torch.Generator().manual_seed(keys.batch_seed()))
+
+    @property
+    def per_sample(self) -> bool:
+        """Whether :meth:`params_for` draws each sample's parameters from its own key."""
+        return type(self).params_for is not Augment.params_for
+
+    def spec(self) -> dict[str, Any]:
+        """A JSON-able description of the transform and its settings (recorded by teacher caches)."""
+        return {"type": type(self).__qualname__, "repr": repr(self)}
+
     def apply(self, x: Tensor, params: Any) -> Tensor:
-        """Apply parameters from :meth:`sample_params` to ``x`` ``(B, C, H, W)``."""
+        """Apply parameters from :meth:`sample_params` or :meth:`params_for` to ``x`` ``(B, C, H, W)``."""
         raise NotImplementedError
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -75,6 +198,13 @@ class RandomCropPad(Augment):
         device = generator.device if generator is not None else None
         return torch.randint(0, 2 * self.padding + 1, (batch_size, 2), generator=generator, device=device)
 
+    def params_for(self, keys: SampleKeys) -> Tensor:
+        span = 2 * self.padding + 1
+        return torch.stack([keys.integers(span, 0), keys.integers(span, 1)], dim=1)
+
+    def spec(self) -> dict[str, Any]:
+        return {"type": "RandomCropPad", "padding": self.padding, "fill": self.fill}
+
     def apply(self, x: Tensor, params: Tensor) -> Tensor:
         _check_images(x, "RandomCropPad")
         _check_params_batch(params, x, "RandomCropPad")
@@ -86,13 +216,9 @@ class RandomCropPad(Augment):
         offsets = params.to(device=x.device, dtype=torch.long)
         rows = offsets[:, 0:1] + torch.arange(h, device=x.device)  # (B, H)
         cols = offsets[:, 1:2] + torch.arange(w, device=x.device)  # (B, W)
-        # One advanced-indexing gather; the four index tensors broadcast to (B, C, H, W).
-        return padded[
-            torch.arange(b, device=x.device)[:, None, None, None],
-            torch.arange(c, device=x.device)[None, :, None, None],
-            rows[:, None, :, None],
-            cols[:, None, None, :],
-        ]
+        # one gather over the flattened padded plane: ~4x faster on CPU than 4-d advanced indexing
+        flat = (rows[:, :, None] * (w + 2 * p) + cols[:, None, :]).reshape(b, 1, h * w).expand(b, c, h * w)
+        return padded.reshape(b, c, -1).gather(2, flat).reshape(b, c, h, w)
 
     def __repr__(self) -> str:
         return f"RandomCropPad(padding={self.padding}, fill={self.fill})"
@@ -112,6 +238,12 @@ class RandomHorizontalFlip(Augment):
     def sample_params(self, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
         device = generator.device if generator is not None else None
         return torch.rand(batch_size, generator=generator, device=device) < self.p
+
+    def params_for(self, keys: SampleKeys) -> Tensor:
+        return keys.uniform(0) < self.p
+
+    def spec(self) -> dict[str, Any]:
+        return {"type": "RandomHorizontalFlip", "p": self.p}
 
     def apply(self, x: Tensor, params: Tensor) -> Tensor:
         _check_images(x, "RandomHorizontalFlip")
@@ -139,6 +271,17 @@ class Compose(Augment):
     def sample_params(self, batch_size: int, generator: torch.Generator | None = None) -> tuple[Any, ...]:
         # Drawn in order, so a fixed generator state gives the same parameters for every transform.
         return tuple(t.sample_params(batch_size, generator) for t in self.transforms)
+
+    def params_for(self, keys: SampleKeys) -> tuple[Any, ...]:
+        # each transform reads its own stream, so adding a transform never changes another's draws
+        return tuple(t.params_for(keys.child(i)) for i, t in enumerate(self.transforms))
+
+    @property
+    def per_sample(self) -> bool:
+        return all(t.per_sample for t in self.transforms)
+
+    def spec(self) -> dict[str, Any]:
+        return {"type": "Compose", "transforms": [t.spec() for t in self.transforms]}
 
     def apply(self, x: Tensor, params: Sequence[Any]) -> Tensor:
         if len(params) != len(self.transforms):

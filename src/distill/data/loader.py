@@ -4,36 +4,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from distill.batch import Batch
-from distill.data.augment import Augment
+from distill.data.augment import Augment, SampleKeys, mix_seed
 
-__all__ = ["IndexedTensorDataset", "InMemoryLoader", "mix_seed"]
-
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def mix_seed(*parts: int) -> int:
-    """A 63-bit seed that is a pure function of the integers ``parts``.
-
-    Used so that (seed, epoch) and (seed, epoch, batch) give unrelated, reproducible streams;
-    plain ``seed + epoch`` would make run ``seed=1, epoch=0`` replay ``seed=0, epoch=1``.
-    """
-    h = 0
-    for p in parts:
-        h = _splitmix64(h ^ (int(p) & _MASK64))
-    return h >> 1  # torch.Generator.manual_seed accepts any non-negative 64-bit value; keep margin
+__all__ = ["InMemoryLoader", "IndexedTensorDataset", "mix_seed"]
 
 
 def _check_pair(inputs: Tensor, targets: Tensor | None, who: str) -> None:
@@ -77,12 +57,14 @@ class InMemoryLoader:
     calls plus a collate, which is what makes it much faster than ``DataLoader`` for small
     images on CPU.
 
-    Reproducibility: the sample order of epoch ``e`` is a pure function of ``(seed, e)``, and
-    the augmentation draws of batch ``k`` in epoch ``e`` come from a generator seeded with
-    ``(seed, e, k)``. The loader does **not** advance the epoch by itself: the training loop must
-    call :meth:`set_epoch` before iterating each epoch (the default is epoch 0, so a loop that
-    forgets sees the same order every epoch). In exchange a run resumed at epoch ``e`` sees the
-    same batches as the uninterrupted run.
+    Reproducibility: the sample order of epoch ``e`` is a pure function of ``(seed, e)``, and the
+    augmentation parameters of sample ``i`` in epoch ``e`` (crop offsets, flip) are a pure function
+    of ``(augment_seed, e, i)`` (:class:`~distill.data.augment.SampleKeys`), whatever batch the
+    sample lands in: :meth:`augment_params` replays them, and a teacher cache
+    (:mod:`distill.cache`) stores the teacher's outputs for exactly these views. The loader does
+    **not** advance the epoch by itself: the training loop must call :meth:`set_epoch` before
+    iterating each epoch (the default is epoch 0, so a loop that forgets sees the same order every
+    epoch). In exchange a run resumed at epoch ``e`` sees the same batches as the uninterrupted run.
 
     Args:
         inputs: samples ``(N, ...)``, e.g. images ``(N, C, H, W)``.
@@ -90,8 +72,12 @@ class InMemoryLoader:
         batch_size: samples per batch (the last one may be smaller unless ``drop_last``).
         shuffle: draw a fresh permutation per epoch; otherwise keep data order.
         drop_last: drop the final incomplete batch.
-        augment: an :class:`~distill.data.augment.Augment` applied to each batch of images.
-        seed: base seed of the order and augmentation streams.
+        augment: an :class:`~distill.data.augment.Augment` applied to each batch of images (a
+            plain callable ``augment(x, generator)`` also works; it gets :meth:`augment_generator`).
+        seed: base seed of the order (and, unless ``augment_seed`` is given, of the augmentation).
+        augment_seed: seed of the augmentation draws; runs with different ``seed`` but one
+            ``augment_seed`` see the same view of each sample in each epoch (what lets several
+            students share one teacher cache).
         return_index: fill ``Batch.index`` with each sample's position in ``inputs``.
         device: move the data there once, at construction; batches are then built on it.
     """
@@ -107,6 +93,7 @@ class InMemoryLoader:
         seed: int = 0,
         return_index: bool = False,
         device: torch.device | str | None = None,
+        augment_seed: int | None = None,
     ) -> None:
         _check_pair(inputs, targets, "InMemoryLoader")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -127,6 +114,7 @@ class InMemoryLoader:
         self.drop_last = drop_last
         self.augment = augment
         self.seed = int(seed)
+        self.augment_seed = self.seed if augment_seed is None else int(augment_seed)
         self.return_index = return_index
         self.epoch = 0
 
@@ -154,23 +142,38 @@ class InMemoryLoader:
         g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 0))
         return torch.randperm(self.num_samples, generator=g)
 
-    def augment_generator(self, batch_index: int, epoch: int | None = None) -> torch.Generator:
-        """The CPU generator the augmentation of batch ``batch_index`` draws from.
+    def augment_params(self, index: Tensor, epoch: int | None = None) -> Any:
+        """The augmentation parameters of samples ``index`` ``(B,)`` in ``epoch`` (default: the current one).
 
-        Re-creating it and calling ``augment.sample_params(len(batch), gen)`` replays the exact
-        parameters used for that batch.
+        ``augment.apply(inputs[index], loader.augment_params(index, epoch))`` replays the exact
+        views the loader yields for those samples, in any grouping.
+        """
+        if not isinstance(self.augment, Augment):
+            raise TypeError(f"augment_params needs an Augment; this loader's augment is {self.augment!r}")
+        epoch = self.epoch if epoch is None else epoch
+        return self.augment.params_for(SampleKeys.of(self.augment_seed, epoch, index))
+
+    def augment_generator(self, batch_index: int, epoch: int | None = None) -> torch.Generator:
+        """The CPU generator a plain-callable ``augment(x, generator)`` gets for batch ``batch_index``.
+
+        An :class:`~distill.data.augment.Augment` draws per-sample parameters instead
+        (:meth:`augment_params`); this stream serves callables that are not one.
         """
         epoch = self.epoch if epoch is None else epoch
         # Stream tag 1 keeps augmentation draws independent of the permutation (tag 0).
-        return torch.Generator().manual_seed(mix_seed(self.seed, epoch, 1, batch_index))
+        return torch.Generator().manual_seed(mix_seed(self.augment_seed, epoch, 1, batch_index))
 
     def __iter__(self) -> Iterator[Batch]:
         epoch = self.epoch
-        order = self.order(epoch).to(self.inputs.device)
+        order = self.order(epoch)  # CPU: the per-sample augmentation keys are computed there
+        order_on_device = order.to(self.inputs.device)
         for k in range(len(self)):
-            idx = order[k * self.batch_size : (k + 1) * self.batch_size]
+            rows = slice(k * self.batch_size, (k + 1) * self.batch_size)
+            idx = order_on_device[rows]
             x = self.inputs[idx]
-            if self.augment is not None:
+            if isinstance(self.augment, Augment):
+                x = self.augment.apply(x, self.augment_params(order[rows], epoch))
+            elif self.augment is not None:
                 x = self.augment(x, self.augment_generator(k, epoch))
             y = self.targets[idx] if self.targets is not None else None
             yield Batch(x, y, idx if self.return_index else None)
@@ -178,5 +181,6 @@ class InMemoryLoader:
     def __repr__(self) -> str:
         return (
             f"InMemoryLoader(samples={self.num_samples}, batch_size={self.batch_size}, shuffle={self.shuffle}, "
-            f"drop_last={self.drop_last}, augment={self.augment!r}, seed={self.seed}, epoch={self.epoch})"
+            f"drop_last={self.drop_last}, augment={self.augment!r}, seed={self.seed}, augment_seed={self.augment_seed}, "
+            f"epoch={self.epoch})"
         )
