@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import multiprocessing
 import time
 from contextlib import redirect_stdout
@@ -55,16 +56,19 @@ METHOD_LOSSES: dict[str, dict[str, Any]] = {
     "fsp": {"ce": 1.0, "fsp": {"weight": 0.0, "lambdas": [1.0 / (32 * 64), 1.0 / (64 * 128)]}},
     "kcd": {"ce": 0.1, "kcd": {"weight": 0.9}},  # the reference protocol's CE 0.1 + KD 0.9
     "simkd": {"simkd": {}},  # the paper trains with its loss alone; fit evaluates through the teacher's fc
-    "ab": {"ce": 1.0, "ab": {"weight": 0.0}},  # AB initialises (its stage below), then CE alone
+    # AB initialises (its stage below: the authors' 3/1000 and layer weights 1/4, 1/2, 1), then CE alone
+    "ab": {"ce": 1.0, "ab": {"weight": 0.0, "layer_weights": [0.25, 0.5, 1.0]}},
     # the 4x4 last maps of these CNNs: 2x2 patches in groups of 2, 2x2 anchors
     "tat_hierarchical": {"ce": 1.0, "tat_hierarchical": {"patch_size": 2, "group_size": 2, "anchor_kernel": 2}},
     # the small CNN's stages for the multi-path network (its head has dropout, no "head" module)
     "spot_adaptive": {"ce": 1.0, "spot_adaptive": {
         "student_stages": CNN_STAGES, "teacher_stages": CNN_STAGES}},
 }
-# a first stage before the main fit, as the papers do: (stage name, epochs)
-STAGES: dict[str, tuple[str, int]] = {"fitnet": ("fitnet", 1), "ab": ("ab", 1), "fsp": ("fsp", 1),
-                                      "ft": ("ft_paraphraser", 1)}
+# a first stage before the main fit, as the papers do: (stage name, epochs, loss weight in the stage or None)
+STAGES: dict[str, tuple[str, int, float | None]] = {"fitnet": ("fitnet", 1, None), "ab": ("ab", 1, 0.003),
+                                                    "fsp": ("fsp", 1, None),
+                                                    # RepDistiller's element-mean MSE: 1/(C*H*W) of teacher stage3
+                                                    "ft": ("ft_paraphraser", 1, 1.0 / (256 * 4 * 4))}
 # methods that are not a student's training loss on their own (a stage of another method, or plain CE)
 SKIP = {"ce", "ft_paraphraser"}
 
@@ -81,8 +85,6 @@ def _losses(name: str, num_samples: int) -> dict[str, Any]:
 
 def _job(job: dict[str, Any]) -> dict[str, Any]:
     """One (method, seed) run, in a worker process with one thread; returns its summary or its error."""
-    import json
-
     torch.set_num_threads(1)
     name, seed, a = job["name"], job["seed"], job["args"]
     x, y, val_x, val_y = torch.load(job["data"])
@@ -99,8 +101,8 @@ def _job(job: dict[str, Any]) -> dict[str, Any]:
     try:
         with redirect_stdout(io.StringIO()):
             if name in STAGES:
-                stage, stage_epochs = STAGES[name]
-                distill.fit_hint_stage(d, loader, method=stage, epochs=stage_epochs, seed=seed,
+                stage, stage_epochs, stage_weight = STAGES[name]
+                distill.fit_hint_stage(d, loader, method=stage, epochs=stage_epochs, weight=stage_weight, seed=seed,
                                        run_dir=run_dir / "stage", **fit_args)
             if name == "kcd":  # knowledge condensation: the data set shrinks every 2 epochs towards 70%
                 res = fit_condensed(d, (x, y), val, epochs=a["epochs"], condense_every=2, keep_ratio=0.7,
@@ -136,6 +138,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="runs in parallel, one thread each")
     ap.add_argument("--out", default="runs/accuracy")
     ap.add_argument("--write-docs", action="store_true")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse the teacher and the finished runs in --out (same protocol): run only what is missing")
     args = ap.parse_args()
     torch.set_num_threads(max(1, args.workers))
     t_start = time.perf_counter()
@@ -147,16 +151,26 @@ def main() -> None:
 
     out = Path(args.out) / args.data
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    teacher = create("cnn_teacher_mnist")
-    r = distill.fit(distill.Distiller(teacher, None, {"ce": 1.0}),
-                    InMemoryLoader(train.inputs[: args.teacher_subset], train.targets[: args.teacher_subset],
-                                   args.batch_size, augment=RandomCropPad(2), seed=0),
-                    val, epochs=args.teacher_epochs, run_dir=out / "teacher", **FIT_ARGS)
-    teacher_acc = r.last_acc
-    torch.save(teacher.state_dict(), out / "teacher.pt")
-    torch.save((x, y, val_x, val_y), out / "data.pt")
-    print(f"teacher {teacher_acc:.2f}% ({time.perf_counter() - t_start:.0f} s)", flush=True)
+    protocol = {k: v for k, v in vars(args).items() if k not in ("methods", "workers", "write_docs", "reuse", "out")}
+    if args.reuse and (out / "protocol.json").is_file():
+        saved = json.loads((out / "protocol.json").read_text())
+        if saved != protocol:
+            raise SystemExit(f"--reuse: {out} holds runs of another protocol {saved}, not {protocol}")
+        teacher_acc = json.loads((out / "teacher_acc.json").read_text())["teacher_acc"]
+        print(f"teacher {teacher_acc:.2f}% (reused from {out})", flush=True)
+    else:
+        torch.manual_seed(0)
+        teacher = create("cnn_teacher_mnist")
+        r = distill.fit(distill.Distiller(teacher, None, {"ce": 1.0}),
+                        InMemoryLoader(train.inputs[: args.teacher_subset], train.targets[: args.teacher_subset],
+                                       args.batch_size, augment=RandomCropPad(2), seed=0),
+                        val, epochs=args.teacher_epochs, run_dir=out / "teacher", **FIT_ARGS)
+        teacher_acc = r.last_acc
+        torch.save(teacher.state_dict(), out / "teacher.pt")
+        torch.save((x, y, val_x, val_y), out / "data.pt")
+        (out / "protocol.json").write_text(json.dumps(protocol))
+        (out / "teacher_acc.json").write_text(json.dumps({"teacher_acc": teacher_acc}))
+        print(f"teacher {teacher_acc:.2f}% ({time.perf_counter() - t_start:.0f} s)", flush=True)
 
     names = args.methods or ["scratch"] + [i.name for i in list_methods() if i.name not in SKIP]
     if "scratch" not in names:
@@ -165,6 +179,11 @@ def main() -> None:
              "teacher_acc": teacher_acc, "run_dir": str(out / "runs" / f"{n}-seed{s}")}
             for n in names for s in range(args.seeds)]
     runs, failed = [], []
+    if args.reuse:  # finished runs stay as they are
+        done = [j for j in jobs if (Path(j["run_dir"]) / "summary.json").is_file()]
+        runs = [read_run(Path(j["run_dir"])) for j in done]
+        jobs = [j for j in jobs if j not in done]
+        print(f"reusing {len(done)} finished runs, running {len(jobs)}", flush=True)
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(args.workers, maxtasksperchild=8) as pool:
         for res in pool.imap_unordered(_job, jobs):

@@ -185,6 +185,75 @@ def test_resume_is_bit_exact(digits, tmp_path, mode):
     assert len(res_b.history) == 4
 
 
+def _same(a, b):
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+def test_resume_restores_a_changing_teacher(digits, tmp_path):
+    """An EMA teacher (TeacherSource.static False) is saved in last.pt and restored on resume, so a
+    resumed run's teacher is the uninterrupted run's, not a fresh copy of the initial student."""
+    from distill.strategies.mean_teacher import EMATeacher
+
+    kw = {"lr": 0.05, "deterministic": True, "device": "cpu", "progress": False, "seed": 3, "schedule": "constant"}
+
+    def setup():
+        student = _student()
+        d = Distiller(student, EMATeacher(student, decay=0.9, buffers="copy", noise=False),
+                      losses={"ce": 1.0, "kd": 1.0})
+        return (d, *_loaders(digits))
+
+    d_a, train, val = setup()
+    fit(d_a, train, val, epochs=3, run_dir=tmp_path / "a", **kw)
+    d_b, train, val = setup()
+    fit(d_b, train, val, epochs=2, run_dir=tmp_path / "b", **kw)
+    state = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")
+    for k, v in d_b.teacher.state_dict().items():
+        assert _same(state["teacher"][k], v), k
+    d_c, train, val = setup()  # fresh objects: the teacher can only come from the checkpoint
+    fit(d_c, train, val, epochs=3, run_dir=tmp_path / "b", resume=True, **kw)
+    ta, tc = d_a.teacher.state_dict(), d_c.teacher.state_dict()
+    assert set(ta) == set(tc)
+    for k in ta:
+        assert _same(ta[k], tc[k]), k
+    # a frozen teacher is not copied into every checkpoint
+    d, train, val = Distiller(_student(), _teacher()), *_loaders(digits)
+    fit(d, train, epochs=1, run_dir=tmp_path / "frozen", **kw)
+    assert load_checkpoint(tmp_path / "frozen" / "checkpoints" / "last.pt")["teacher"] is None
+
+
+def test_epoch_log_tracks_best_and_writes_like_fit(tmp_path):
+    from distill.train.loop import EpochLog, FitProgress, FitResult, _Progress
+
+    assert _Progress is FitProgress
+    result = FitResult(history=[{"epoch": 0, "val_student_acc": 50.0, "best_acc": 50.0}], best_acc=50.0,
+                       best_epoch=0)
+    log = EpochLog(result, tmp_path)
+    log.begin()
+    assert _lines(tmp_path / "metrics.jsonl") == result.history
+    calls = []
+
+    def state():
+        calls.append(1)
+        return {"student": {"w": torch.ones(1)}}
+
+    assert log.end_epoch({"epoch": 1, "val_student_acc": 40.0}, state) is False
+    assert log.end_epoch({"epoch": 2, "val_student_acc": 60.0}, state) is True
+    assert log.end_epoch({"epoch": 3, "val_student_acc": 60.0}, state) is False  # a tie keeps the earlier
+    assert log.end_epoch({"epoch": 4, "train_loss": 1.0}, state) is False  # no evaluation: no tracking
+    assert len(calls) == 1
+    best = load_checkpoint(tmp_path / "checkpoints" / "best.pt")
+    assert best["epoch"] == 2 and best["val_student_acc"] == 60.0 and torch.equal(best["student"]["w"], torch.ones(1))
+    assert (result.best_acc, result.best_epoch, result.last_acc) == (60.0, 2, 60.0)
+    rows = _lines(tmp_path / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3, 4]
+    assert [r.get("best_acc") for r in rows] == [50.0, 50.0, 60.0, 60.0, None]
+    # write=False (ranks other than 0) tracks the same and writes nothing
+    quiet = EpochLog(FitResult(), tmp_path / "quiet", write=False)
+    quiet.begin()
+    quiet.end_epoch({"epoch": 0, "val_student_acc": 10.0}, state)
+    assert quiet.result.best_acc == 10.0 and not (tmp_path / "quiet").exists() and len(calls) == 1
+
+
 def test_resume_errors(digits, tmp_path):
     train, val = _loaders(digits)
     d = Distiller(_student(), None, losses={"ce": 1.0})
@@ -259,11 +328,27 @@ def test_label_out_of_range_in_loader_targets(digits, tmp_path):
 def test_label_out_of_range_in_val_loader(digits):
     xt, yt, xv, yv = digits
     yv = yv.clone()
-    yv[3] = -1
+    yv[3] = -2
     d = Distiller(_student(), None, losses={"ce": 1.0})
-    with pytest.raises(LabelRangeError, match="-1"):
+    with pytest.raises(LabelRangeError, match="-2"):
         fit(d, InMemoryLoader(xt, yt, 32), InMemoryLoader(xv, yv, 32, shuffle=False), epochs=1,
             schedule="constant", progress=False)
+
+
+def test_minus_one_marks_unlabeled_and_is_not_an_error(digits):
+    """-1 is the unlabeled marker of semi-supervised loaders: the label checks skip it."""
+    xt, yt, xv, yv = digits
+    yt, yv = yt.clone(), yv.clone()
+    yt[100], yv[3] = -1, -1
+    loop_mod._check_labels(yt, K, "the training set")  # no error
+    loop_mod._check_labels(torch.full((4,), -1), K, "an unlabeled batch")
+    with pytest.raises(LabelRangeError, match=r"\[10\].*-1 for an unlabeled"):
+        loop_mod._check_labels(torch.tensor([-1, 0, 10]), K, "a batch")
+    # the validation set may hold unlabeled samples (they count as misses, never as errors)
+    d = Distiller(_student(), None, losses={"ce": 1.0})
+    res = fit(d, InMemoryLoader(xt[:64], yt[:64], 32), InMemoryLoader(xv, yv, 32, shuffle=False), epochs=1,
+              schedule="constant", progress=False)
+    assert res.last_acc is not None
 
 
 @pytest.mark.parametrize("kind", ["dataloader", "list"])

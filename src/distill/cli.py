@@ -65,11 +65,48 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_strategies(args: argparse.Namespace) -> int:
+    import inspect
+
+    from rich.markup import escape
+
+    from distill.strategies.registry import list_strategies
+
+    infos = list_strategies(args.family)
+    skip = {"student", "train_loader", "val_loader", "teacher", "epochs", "run_dir", "seed", "progress"}
+
+    def defaults(fn: object) -> dict[str, object]:
+        return {n: p.default for n, p in inspect.signature(fn).parameters.items()
+                if n not in skip and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+                and p.default is not inspect.Parameter.empty}
+
+    if args.json:
+        rows = [{"name": i.name, "family": i.family, "function": f"{i.fn.__module__}.{i.fn.__name__}",
+                 "title": i.paper.title, "authors": i.paper.authors, "year": i.paper.year, "arxiv": i.paper.arxiv,
+                 "venue": i.paper.venue, "summary": i.summary, "defaults": defaults(i.fn)} for i in infos]
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    console.print(f"[bold]{len(infos)} strategies[/bold]  (in a recipe: strategy: {{name: NAME, args: {{...}}}})")
+    for i in infos:
+        where = f"arXiv {i.paper.arxiv}" if i.paper.arxiv else (i.paper.venue or "–")
+        console.print(f"[bold]{i.name}[/bold]  ({i.family}, {i.paper.year}, {where})  {escape(i.paper.title)}",
+                      soft_wrap=True)
+        console.print(f"    {escape(i.paper.authors)}; Python: {i.fn.__module__}.{i.fn.__name__}",
+                      soft_wrap=True)
+        console.print(f"    defaults: {escape(', '.join(f'{k}={v!r}' for k, v in defaults(i.fn).items()))}",
+                      soft_wrap=True)
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace, kind: str | None = None) -> int:
+    from distill import runner
     from distill.recipes import load_recipe
     from distill.report import compare
     from distill.runner import run_recipe
+    from distill.train.distributed import is_main_process
 
+    if not is_main_process():  # under torchrun every rank runs the recipe; rank 0 speaks (errors still show)
+        console.quiet = runner.console.quiet = True
     recipe = load_recipe(args.recipe)
     if kind == "train" and recipe.kind != "train":
         if recipe.teacher is not None:
@@ -79,6 +116,8 @@ def _cmd_run(args: argparse.Namespace, kind: str | None = None) -> int:
         recipe = recipe.model_copy(update={"kind": "train"})
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     dirs = run_recipe(recipe, out_dir=args.out, progress=not args.no_progress, resume=args.resume, seeds=seeds)
+    if not is_main_process():  # rank 0 writes the summaries and prints the table
+        return 0
     table, _ = compare(dirs)
     console.print(table)
     console.print(f"run folder: {dirs[0].parent}")
@@ -170,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true", help="machine-readable output")
     m.add_argument("--table", action="store_true", help="a table even on a narrow terminal")
     m.set_defaults(func=_cmd_methods)
+
+    st = sub.add_parser("strategies", help="list every training strategy: family, paper, defaults")
+    st.add_argument("--family", default=None, help="online, self, chain or ensemble")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.set_defaults(func=_cmd_strategies)
 
     cache = sub.add_parser("cache", help="teacher-output caches: build one from a recipe, inspect one")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)

@@ -140,6 +140,58 @@ class TeacherSpec(_Strict):
         return [self.model] if self.model is not None else list(self.ensemble or [])
 
 
+class StrategySpec(_Strict):
+    """A registered training strategy (``distill strategies``) run instead of one ``fit``.
+
+    ``args`` are the strategy's own keyword arguments (its paper's hyper-parameters, model specs
+    such as ``assistants: [{name: cnn, num_classes: 10}]``); the recipe gives the student, the
+    teacher, the data and the training protocol. ``labeled``: for semi-supervised strategies,
+    only the first N training samples keep their labels; the rest are given as unlabeled data.
+    """
+
+    name: str
+    args: dict[str, Any] = Field(default_factory=dict)
+    labeled: int | None = Field(None, gt=0)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from distill.strategies.registry import strategy_info
+
+        try:
+            strategy_info(v)
+        except KeyError as e:
+            raise ValueError(e.args[0]) from None
+        return v
+
+
+# the arguments a recipe fills in for every strategy; ``args`` may not set them
+STRATEGY_RESERVED = ("student", "train_loader", "val_loader", "teacher", "epochs", "run_dir", "seed", "progress",
+                     "unlabeled", "unlabeled_loader", "resume")
+
+
+def validate_strategy_args(spec: StrategySpec) -> None:
+    """Every ``args`` key must be a keyword the strategy takes (and not one the recipe fills in)."""
+    from distill.strategies.registry import strategy_info
+
+    params = inspect.signature(strategy_info(spec.name).fn).parameters
+    named = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    errors = []
+    for key in spec.args:
+        if key in STRATEGY_RESERVED:
+            errors.append(f"  strategy.args.{key}: set by the recipe (student, teacher, data, train), not in args")
+        elif key in TrainSpec.model_fields:
+            errors.append(f"  strategy.args.{key}: a training setting: put it in 'train'")
+        elif key not in named:
+            errors.append(f"  strategy.args.{key}: unknown argument of strategy {spec.name!r}; it takes "
+                          f"{sorted(named - set(STRATEGY_RESERVED))}")
+    if spec.labeled is not None and not ({"unlabeled", "unlabeled_loader"} & named):
+        errors.append(f"  strategy.labeled: strategy {spec.name!r} takes no unlabeled data")
+    if errors:
+        raise RecipeError("invalid strategy:\n" + "\n".join(errors))
+
+
+
 class Recipe(_Strict):
     """A whole run. ``kind: train`` trains ``student`` alone (e.g. a teacher) with ``losses``."""
 
@@ -152,12 +204,22 @@ class Recipe(_Strict):
     losses: dict[str, float | dict[str, Any]] = Field(default_factory=lambda: {"ce": 1.0})
     train: TrainSpec
     hint_stage: HintStageSpec | None = None
+    strategy: StrategySpec | None = None
     output_dir: str = "runs"
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
         if self.kind == "train" and self.teacher is not None:
             raise ValueError("kind 'train' trains one model without a teacher: remove 'teacher'")
+        if self.strategy is not None:
+            if self.kind == "train" or self.hint_stage is not None:
+                raise ValueError("'strategy' runs its own training: it cannot be combined with kind 'train' or "
+                                 "'hint_stage'")
+            if self.teacher is not None and self.teacher.cache is not None:
+                raise ValueError("a strategy runs its teacher models itself: remove 'teacher.cache'")
+            if "losses" in self.model_fields_set:
+                raise ValueError(f"strategy {self.strategy.name!r} chooses its own losses: remove 'losses' (its "
+                                 "hyper-parameters go in strategy.args)")
         if self.hint_stage is not None and self.hint_stage.method not in self.losses:
             offered = _offered_stages(self.losses)
             if self.hint_stage.method not in offered:
@@ -244,6 +306,8 @@ def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
         raise RecipeError(f"{source} is invalid:\n" + "\n".join(_format(e))) from None
     try:
         validate_losses(recipe.losses)
+        if recipe.strategy is not None:
+            validate_strategy_args(recipe.strategy)
     except RecipeError as e:
         raise RecipeError(f"{source}: {e}") from None
     return recipe

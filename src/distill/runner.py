@@ -14,6 +14,7 @@ from rich.console import Console
 from torch import nn
 
 from distill.recipes import DataSpec, ModelSpec, Recipe, TrainSpec, validate_losses
+from distill.train.distributed import barrier, is_main_process, main_process_first
 
 console = Console(stderr=True)
 
@@ -88,14 +89,16 @@ def train_model(model: nn.Module, spec: ModelSpec, train: TrainSpec, data: tuple
                  on_epoch_end=on_epoch_end, **_fit_kwargs(train))
     metadata = {"label_smoothing": label_smoothing, "val_acc": result.last_acc, "best_acc": result.best_acc,
                 "epochs": train.epochs, "dataset": info["dataset"], "seed": seed}
-    save_model(run_dir / "model.pt", model, name=spec.name,
-               kwargs={"num_classes": info["num_classes"], "in_channels": info["in_channels"], **spec.kwargs},
-               metadata=metadata)
     summary = {"name": spec.name, "kind": "train", "group": spec.name, "losses": {loss.name: 1.0}, "seed": seed,
                "epochs": train.epochs, "last_acc": result.last_acc, "best_acc": result.best_acc,
                "best_epoch": result.best_epoch, "time_s": time.perf_counter() - t0,
                "label_smoothing": label_smoothing}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if is_main_process():  # under torchrun one process writes; the others wait, then read the model
+        save_model(run_dir / "model.pt", model, name=spec.name,
+                   kwargs={"num_classes": info["num_classes"], "in_channels": info["in_channels"], **spec.kwargs},
+                   metadata=metadata)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    barrier()
     return summary
 
 
@@ -146,7 +149,8 @@ def run_recipe(recipe: Recipe, *, out_dir: str | Path | None = None, progress: b
         raise RecipeError(f"{recipe.name}: cache_only needs a distillation recipe whose teacher has a 'cache' section")
     base = Path(out_dir or recipe.output_dir) / recipe.name
     base.mkdir(parents=True, exist_ok=True)
-    (base / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    if is_main_process():
+        (base / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     seeds = seeds or recipe.seeds
     data = build_data(recipe.data, seed=seeds[0])
     info = data[2]
@@ -214,20 +218,31 @@ def run_recipe(recipe: Recipe, *, out_dir: str | Path | None = None, progress: b
             console.print(f"training teacher {spec.name} → {tdir}")
             train_model(teacher_models[i], spec, t.train, teacher_data, tdir,  # type: ignore[arg-type]
                         label_smoothing=t.label_smoothing, seed=seeds[0] + i, progress=progress, resume=resume)
-            spec_file.write_text(json.dumps(fingerprint, indent=2))
+            if is_main_process():
+                spec_file.write_text(json.dumps(fingerprint, indent=2))
             teacher_models[i], member_metadata[i] = load_model(tdir / "model.pt", teacher_models[i])
         dtype = getattr(torch, t.dtype) if t.dtype else None
         metadata = _combine_metadata(member_metadata)
-        if len(teacher_models) == 1:
+        if recipe.strategy is not None:  # a strategy gets the models as they are (it may train them further)
+            pass
+        elif len(teacher_models) == 1:
             teacher = FrozenTeacher(teacher_models[0], dtype=dtype, metadata=metadata)
         else:
             teacher = EnsembleTeacher(teacher_models, combine=t.combine, temperature=t.temperature, metadata=metadata)
         if t.cache is not None:
             from distill.cache import recipe_cached_teacher
 
-            teacher = recipe_cached_teacher(recipe, losses, teacher, data[0], progress=progress)
+            with main_process_first(_device(recipe.train)):  # rank 0 builds the cache, the others then open it
+                teacher = recipe_cached_teacher(recipe, losses, teacher, data[0], progress=progress)
     if cache_only and recipe.teacher is not None and recipe.teacher.cache is not None:
         return [Path(recipe.teacher.cache.path)]
+
+    if recipe.strategy is not None:
+        models = teacher_models[0] if len(teacher_models) == 1 else (teacher_models or None)
+        dirs = [_run_strategy(recipe, s, base / f"seed{s}", info, models, progress=progress, resume=resume)
+                for s in seeds]
+        _report(base, dirs, recipe.name)
+        return dirs
 
     dirs = []
     for s in seeds:
@@ -256,10 +271,66 @@ def run_recipe(recipe: Recipe, *, out_dir: str | Path | None = None, progress: b
             "teacher_label_smoothing": (metadata or {}).get("label_smoothing"),
             "data": info, "notes": ls_notes(metadata, losses) if teacher is not None else [],
         }
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        if is_main_process():
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         dirs.append(run_dir)
     _report(base, dirs, recipe.name)
     return dirs
+
+
+def _run_strategy(recipe: Recipe, seed: int, run_dir: Path, info: dict[str, Any], teacher: Any, *,
+                  progress: bool, resume: bool) -> Path:
+    """One seed of a recipe whose ``strategy`` trains instead of one ``fit``; writes ``summary.json``."""
+    import inspect
+
+    from distill.data.loader import InMemoryLoader
+    from distill.recipes import RecipeError
+    from distill.strategies.registry import strategy_info
+
+    spec = recipe.strategy
+    assert spec is not None
+    fn = strategy_info(spec.name).fn
+    params = inspect.signature(fn).parameters
+    train_loader, val_loader, _ = build_data(recipe.data, seed=seed)
+    kwargs: dict[str, Any] = dict(spec.args)
+    if spec.labeled is not None:  # the first N samples keep their labels, the rest are unlabeled data
+        x, y, n = train_loader.inputs, train_loader.targets, spec.labeled
+        if n >= len(x):
+            raise RecipeError(f"strategy.labeled={n} leaves no unlabeled data: the training set has {len(x)} samples")
+        loader_args = dict(batch_size=train_loader.batch_size, augment=train_loader.augment, seed=seed)
+        train_loader = InMemoryLoader(x[:n], y[:n], return_index=True, **loader_args)
+        if "unlabeled_loader" in params:
+            kwargs["unlabeled_loader"] = InMemoryLoader(x[n:], None, **loader_args)
+        else:
+            kwargs["unlabeled"] = x[n:]
+    if teacher is not None:
+        if "teacher" not in params:
+            raise RecipeError(f"strategy {spec.name!r} takes no teacher: remove the recipe's 'teacher'")
+        kwargs["teacher"] = teacher
+    fit_kwargs = _fit_kwargs(recipe.train)
+    epochs = fit_kwargs.pop("epochs")
+    if resume:
+        fit_kwargs["resume"] = True
+    torch.manual_seed(seed)
+
+    def student() -> nn.Module:  # cohorts and generations build fresh students of the recipe's model
+        return build_model(recipe.student, info["num_classes"], info["in_channels"])
+
+    t0 = time.perf_counter()
+    result = fn(student, train_loader, val_loader, epochs=epochs, run_dir=run_dir, seed=seed, progress=progress,
+                **kwargs, **fit_kwargs)
+    last = result.history[-1] if result.history else {}
+    summary = {
+        "name": recipe.name, "kind": "distill", "group": recipe.name, "strategy": spec.name,
+        "strategy_args": spec.args, "losses": {}, "seed": seed, "epochs": epochs, "last_acc": result.last_acc,
+        "best_acc": result.best_acc, "best_epoch": result.best_epoch, "time_s": time.perf_counter() - t0,
+        "teacher_acc": last.get("val_teacher_acc"), "agreement": last.get("val_agreement"),
+        "data": info, "notes": [],
+    }
+    if is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return run_dir
 
 
 def _combine_metadata(members: list[dict[str, Any] | None]) -> dict[str, Any] | None:
@@ -295,6 +366,8 @@ def _check_taps(losses: dict[str, dict[str, Any]], student: nn.Module, teacher: 
 def _report(base: Path, dirs: list[Path], title: str) -> None:
     from distill.report import plot_runs, read_run, write_report
 
+    if not is_main_process():  # under torchrun: one report, written by rank 0
+        return
     runs = [read_run(d) for d in dirs]
     plot_runs(base, runs)
     write_report(base, runs, title=title)

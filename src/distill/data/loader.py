@@ -15,6 +15,8 @@ from distill.data.augment import Augment, SampleKeys, mix_seed
 
 __all__ = ["InMemoryLoader", "IndexedTensorDataset", "mix_seed"]
 
+SHARD_SPLITS = ("batch", "samples")
+
 
 def _check_pair(inputs: Tensor, targets: Tensor | None, who: str) -> None:
     if not isinstance(inputs, Tensor) or inputs.dim() == 0:
@@ -65,6 +67,17 @@ class InMemoryLoader:
     **not** advance the epoch by itself: the training loop must call :meth:`set_epoch` before
     iterating each epoch (the default is epoch 0, so a loop that forgets sees the same order every
     epoch). In exchange a run resumed at epoch ``e`` sees the same batches as the uninterrupted run.
+
+    Sharding (multi-process training, :meth:`set_shard`): every rank builds the loader with the
+    same ``seed``, so every rank draws the same permutation, and takes its own part of it.
+    ``split="batch"`` (what :func:`distill.fit` uses under ``torchrun``): ``batch_size`` stays the
+    *global* batch, and rank ``r`` of ``W`` yields the ``r``-th of ``W`` contiguous, balanced parts
+    of each global batch, so the ranks' batches of one step, concatenated in rank order, are exactly
+    the single-process batch of that step. ``split="samples"`` (``DistributedSampler``'s scheme,
+    used by codistillation workers): rank ``r`` takes every ``W``-th sample of the epoch's
+    permutation (padded by wrapping around so that every rank has as many) and batches it with the
+    full ``batch_size``. Augmentation stays a function of ``(augment_seed, epoch, sample index)``,
+    so a sample's view does not depend on the rank it lands on.
 
     Args:
         inputs: samples ``(N, ...)``, e.g. images ``(N, C, H, W)``.
@@ -117,16 +130,39 @@ class InMemoryLoader:
         self.augment_seed = self.seed if augment_seed is None else int(augment_seed)
         self.return_index = return_index
         self.epoch = 0
+        self.rank, self.world_size, self.split = 0, 1, "batch"
 
     @property
     def num_samples(self) -> int:
         return int(self.inputs.shape[0])
 
     def __len__(self) -> int:
-        """Number of batches per epoch."""
+        """Number of batches per epoch (of this rank, when sharded: the same on every rank)."""
+        n, b, w = self.num_samples, self.batch_size, self.world_size
+        if w > 1 and self.split == "samples":
+            n = n // w if self.drop_last else math.ceil(n / w)
         if self.drop_last:
-            return self.num_samples // self.batch_size
-        return math.ceil(self.num_samples / self.batch_size)
+            return n // b
+        batches = math.ceil(n / b)
+        if w > 1 and self.split == "batch" and 0 < n % b < w:
+            batches -= 1  # a last global batch smaller than the world would leave a rank without a sample
+        return batches
+
+    def set_shard(self, rank: int, world_size: int, split: str = "batch") -> None:
+        """Yield only rank ``rank``'s part of the data of ``world_size`` processes (see the class notes).
+
+        ``set_shard(0, 1)`` undoes it. With ``split="batch"`` a final global batch with fewer samples
+        than ``world_size`` is dropped (it would leave a rank with an empty batch).
+        """
+        for name, value in (("rank", rank), ("world_size", world_size)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"InMemoryLoader.set_shard: {name} must be an int; got {value!r}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"InMemoryLoader.set_shard: need 0 <= rank < world_size; got rank={rank}, "
+                             f"world_size={world_size}")
+        if split not in SHARD_SPLITS:
+            raise ValueError(f"InMemoryLoader.set_shard: split must be one of {SHARD_SPLITS}; got {split!r}")
+        self.rank, self.world_size, self.split = rank, world_size, split
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order (and augmentation) the next iteration produces."""
@@ -161,18 +197,41 @@ class InMemoryLoader:
         """
         epoch = self.epoch if epoch is None else epoch
         # Stream tag 1 keeps augmentation draws independent of the permutation (tag 0).
-        return torch.Generator().manual_seed(mix_seed(self.augment_seed, epoch, 1, batch_index))
+        if self.world_size == 1:
+            return torch.Generator().manual_seed(mix_seed(self.augment_seed, epoch, 1, batch_index))
+        # sharded: one stream per (batch, rank), so ranks do not repeat each other's draws (a
+        # callable's views therefore differ from a single-process run's; an Augment's do not)
+        return torch.Generator().manual_seed(
+            mix_seed(self.augment_seed, epoch, 1, batch_index, self.rank + 1, self.world_size))
+
+    def batch_indices(self, epoch: int | None = None) -> list[Tensor]:
+        """The sample indices (CPU, int64) of every batch this loader (this rank) yields in ``epoch``."""
+        epoch = self.epoch if epoch is None else epoch
+        order = self.order(epoch)
+        w = self.world_size
+        if w > 1 and self.split == "samples":
+            n = self.num_samples
+            total = (n // w if self.drop_last else math.ceil(n / w)) * w
+            if total > n:  # pad by wrapping around (several times if there are fewer samples than ranks)
+                order = order.repeat(math.ceil(total / n))
+            order = order[:total][self.rank::w]
+        batches = list(order.split(self.batch_size))[: len(self)]
+        if w > 1 and self.split == "batch":
+            batches = [torch.tensor_split(b, w)[self.rank] for b in batches]
+        return batches
 
     def __iter__(self) -> Iterator[Batch]:
         epoch = self.epoch
-        order = self.order(epoch)  # CPU: the per-sample augmentation keys are computed there
-        order_on_device = order.to(self.inputs.device)
-        for k in range(len(self)):
-            rows = slice(k * self.batch_size, (k + 1) * self.batch_size)
-            idx = order_on_device[rows]
+        batches = self.batch_indices(epoch)  # CPU: the per-sample augmentation keys are computed there
+        # one host-to-device copy per epoch, then views of it per batch
+        on_device = torch.cat(batches).to(self.inputs.device) if batches else None
+        start = 0
+        for k, cpu_idx in enumerate(batches):
+            idx = on_device[start:start + len(cpu_idx)]  # type: ignore[index]
+            start += len(cpu_idx)
             x = self.inputs[idx]
             if isinstance(self.augment, Augment):
-                x = self.augment.apply(x, self.augment_params(order[rows], epoch))
+                x = self.augment.apply(x, self.augment_params(cpu_idx, epoch))
             elif self.augment is not None:
                 x = self.augment(x, self.augment_generator(k, epoch))
             y = self.targets[idx] if self.targets is not None else None
@@ -182,5 +241,6 @@ class InMemoryLoader:
         return (
             f"InMemoryLoader(samples={self.num_samples}, batch_size={self.batch_size}, shuffle={self.shuffle}, "
             f"drop_last={self.drop_last}, augment={self.augment!r}, seed={self.seed}, augment_seed={self.augment_seed}, "
-            f"epoch={self.epoch})"
+            f"epoch={self.epoch}"
+            + (f", shard={self.rank}/{self.world_size} ({self.split})" if self.world_size > 1 else "") + ")"
         )

@@ -55,6 +55,17 @@ def register_strategy(name: str, family: str, paper: Paper) -> Callable[[F], F]:
     return deco
 
 
+def as_model(student: Any, who: str) -> Any:
+    """The convention's ``student``: a module as it is, or a zero-argument factory called once."""
+    from torch import nn
+
+    model = student if isinstance(student, nn.Module) else student() if callable(student) else None
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{who}: student must be an nn.Module or a zero-argument factory returning one, "
+                        f"got {student!r}")
+    return model
+
+
 def _ensure_loaded() -> None:
     # importing each module of the package runs its @register_strategy decorators
     import importlib
@@ -84,4 +95,4 @@ def strategy_info(name: str) -> StrategyInfo:
     return _STRATEGIES[name]
 
 
-__all__ = ["StrategyInfo", "list_strategies", "register_strategy", "strategy_info"]
+__all__ = ["StrategyInfo", "as_model", "list_strategies", "register_strategy", "strategy_info"]

@@ -41,7 +41,7 @@ from distill.methods.self_distill import (
     TfFD,
     ZipfLS,
 )
-from distill.strategies.registry import register_strategy
+from distill.strategies.registry import as_model, register_strategy
 from distill.train.evaluate import evaluate
 from distill.train.loop import FitResult, fit
 
@@ -135,10 +135,7 @@ def _cat(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _model(student: nn.Module | Callable[[], nn.Module], strategy: str) -> nn.Module:
-    model = student if isinstance(student, nn.Module) else student() if callable(student) else None
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{strategy}: student must be an nn.Module or a factory returning one, got {student!r}")
-    return model
+    return as_model(student, strategy)
 
 
 def _train(strategy: str, student: nn.Module | Callable[[], nn.Module], train_loader: Iterable[Any],

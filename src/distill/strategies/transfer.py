@@ -37,7 +37,7 @@ from distill.data.augment import mix_seed
 from distill.data.loader import InMemoryLoader
 from distill.distiller import Distiller
 from distill.methods.base import Method, Paper, create_method
-from distill.strategies.registry import register_strategy
+from distill.strategies.registry import as_model, register_strategy
 from distill.taps import logits_of
 from distill.teachers import (
     EnsembleTeacher,
@@ -253,7 +253,7 @@ class TransferFitResult(FitResult):
 
 @register_strategy("model_compression", "ensemble", MODEL_COMPRESSION)
 def fit_model_compression(
-    student: nn.Module,
+    student: nn.Module | Callable[[], nn.Module],
     train_loader: Any,
     val_loader: Iterable[Any] | None = None,
     *,
@@ -284,7 +284,7 @@ def fit_model_compression(
     at temperature ``T`` (``loss="kd"``). The original labels are not used.
 
     Args:
-        student: the model to train (the mimic).
+        student: the model to train (the mimic), or a zero-argument factory returning it.
         train_loader: the training data in memory (its inputs seed the generator; batch size reused).
         val_loader: evaluated after each epoch (student, ensemble, agreement).
         teacher: the trained ensemble: a list of models (an :class:`~distill.teachers.EnsembleTeacher`
@@ -320,7 +320,7 @@ def fit_model_compression(
                              components=components, seed=seed)
     inputs = torch.cat([x, synthetic.to(x.device)]) if include_train else synthetic
     loader = InMemoryLoader(inputs, None, size, shuffle=True, seed=seed, return_index=True)
-    d = Distiller(student, source, {loss: method})
+    d = Distiller(as_model(student, "fit_model_compression"), source, {loss: method})
     result = fit(d, loader, val_loader, epochs=epochs, run_dir=run_dir, seed=seed, progress=progress, **fit_kwargs)
     return _result(TransferFitResult, result, num_train=int(x.shape[0]) if include_train else 0,
                    num_generated=int(synthetic.shape[0]))
@@ -345,7 +345,7 @@ def _ensemble_labels(source: TeacherSource, x: Tensor, rule: str) -> Tensor:
 
 @register_strategy("cmm", "ensemble", CMM)
 def fit_cmm(
-    student: nn.Module,
+    student: nn.Module | Callable[[], nn.Module],
     train_loader: Any,
     val_loader: Iterable[Any] | None = None,
     *,
@@ -400,7 +400,8 @@ def fit_cmm(
     labels = _ensemble_labels(source, synthetic, label_rule).to(y.device)
     loader = InMemoryLoader(torch.cat([x, synthetic.to(x.device)]), torch.cat([y, labels]), size, shuffle=True,
                             seed=seed, return_index=True)
-    d = Distiller(student, source, {"ce": 1.0})  # the teacher only for evaluation (accuracy, agreement)
+    # the teacher only for evaluation (accuracy, agreement)
+    d = Distiller(as_model(student, "fit_cmm"), source, {"ce": 1.0})
     result = fit(d, loader, val_loader, epochs=epochs, run_dir=run_dir, seed=seed, progress=progress, **fit_kwargs)
     return _result(TransferFitResult, result, num_train=int(x.shape[0]), num_generated=int(synthetic.shape[0]))
 

@@ -1,14 +1,26 @@
-"""The training loop we ship: ``fit``, evaluation, checkpoints, schedules and metrics."""
+"""The training loop we ship: ``fit``, evaluation, checkpoints, schedules, metrics and multi-process
+training (:mod:`distill.train.distributed`)."""
 
+from distill.train import distributed
 from distill.train.checkpoint import load_checkpoint, save_checkpoint
 from distill.train.evaluate import evaluate
-from distill.train.loop import FitResult, LabelRangeError, NonFiniteLossError, fit
+from distill.train.loop import (
+    EpochLog,
+    FitProgress,
+    FitResult,
+    LabelRangeError,
+    NonFiniteLossError,
+    fit,
+)
 from distill.train.stages import fit_hint_stage
 
 __all__ = [
+    "EpochLog",
+    "FitProgress",
     "FitResult",
     "LabelRangeError",
     "NonFiniteLossError",
+    "distributed",
     "evaluate",
     "fit",
     "fit_hint_stage",
