@@ -54,7 +54,9 @@ METHOD_LOSSES: dict[str, dict[str, Any]] = {
     # FSP initialises (its stage below) and is then off, as the paper does; lambda_i = 1/(C1*C2) of the
     # teacher's pair (stem 32 x stage1 64, stage1 64 x stage2 128) is RepDistiller's element mean
     "fsp": {"ce": 1.0, "fsp": {"weight": 0.0, "lambdas": [1.0 / (32 * 64), 1.0 / (64 * 128)]}},
-    "kcd": {"ce": 0.1, "kcd": {"weight": 0.9}},  # the reference protocol's CE 0.1 + KD 0.9
+    "kcd": {"ce": 0.1, "kcd": {"weight": 0.9}},
+    # the per-sample squared norm over the 64x7x7 stage2 map as an element mean (weight 1 collapses the student)
+    "knowledge_projection": {"ce": 1.0, "knowledge_projection": {"weight": 1.0 / (64 * 7 * 7)}},  # the reference protocol's CE 0.1 + KD 0.9
     "simkd": {"simkd": {}},  # the paper trains with its loss alone; fit evaluates through the teacher's fc
     # AB initialises (its stage below: the authors' 3/1000 and layer weights 1/4, 1/2, 1), then CE alone
     "ab": {"ce": 1.0, "ab": {"weight": 0.0, "layer_weights": [0.25, 0.5, 1.0]}},

@@ -126,3 +126,19 @@ def test_methods_default_to_no_models_no_predictor_no_stages():
     assert m.predictor(torch.nn.Linear(2, 2)) is None and m.stages == ()
     with pytest.raises(KeyError, match="no stage"):
         m.stage_method("x")
+
+
+def test_jacobian_matching_is_given_the_distillers_models():
+    from distill.methods.jacobian import JacobianMatching
+
+    student, teacher = _pair()
+    x, y, loader = _loader()
+    d = distill.Distiller(student, teacher, losses={"ce": 1.0, "jacobian": {}})
+    d.prepare(next(iter(loader)))
+    method = d.methods["jacobian"]
+    assert method.student_model is student and method.teacher_model is teacher
+    assert torch.isfinite(d((x[:8], y[:8])).parts["jacobian"])
+    other = create("cnn", widths=(4, 8, 8))
+    given = JacobianMatching(student_model=other)  # a model given by the user is kept
+    distill.Distiller(student, teacher, losses={"jacobian": given}).prepare(next(iter(loader)))
+    assert given.student_model is other and given.teacher_model is teacher

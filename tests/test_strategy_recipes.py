@@ -99,3 +99,22 @@ def test_cli_lists_strategies(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["strategies", "--family", "chain"]) == 0
     out = capsys.readouterr().out
     assert "takd" in out and "dml" not in out
+
+
+def test_single_process_strategies_refuse_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from distill.strategies.online import fit_dml
+    from distill.strategies.registry import refuse_multi_process
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(RuntimeError, match="cannot run under torchrun"):
+        refuse_multi_process("x")
+    x, y = torch.randn(8, 1, 8, 8), torch.arange(8) % 10
+    from distill.data.loader import InMemoryLoader
+    from distill.models import create
+
+    with pytest.raises(RuntimeError, match="cannot run under torchrun"):
+        fit_dml(lambda: create("cnn_digits_student"), InMemoryLoader(x, y, 4), None, epochs=1, num_models=2,
+                progress=False)

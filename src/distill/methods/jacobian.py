@@ -3,7 +3,8 @@
 Jacobian matching needs the two *models*, not only their views: the teacher runs under
 ``no_grad`` in the Distiller and the student's view is not a function of a leaf input, so the
 method recomputes both input-gradients itself on leaf copies of ``batch.inputs`` (one extra
-forward + backward of each network per step). Give it the models at construction
+forward + backward of each network per step). The Distiller gives it its models when prepared
+(:meth:`JacobianMatching.bind_models`); or give them at construction
 (``JacobianMatching(student_model=s, teacher_model=t)``) or later with :meth:`JacobianMatching.bind`.
 The math lives in :mod:`distill.functional.jacobian`.
 """
@@ -128,6 +129,11 @@ class JacobianMatching(Method):
     @property
     def teacher_model(self) -> nn.Module | None:
         return self._models[1]
+
+    def bind_models(self, student: nn.Module, teacher: nn.Module | None, example: Batch) -> None:
+        """The Distiller's models, for whichever of the two was not given (so recipes need no Python)."""
+        self.bind(None if self._models[0] is not None else student,
+                  None if self._models[1] is not None else teacher)
 
     def _check_bound(self) -> tuple[nn.Module, nn.Module]:
         s, t = self._models

@@ -38,7 +38,7 @@ from distill.distiller import Distiller
 from distill.functional.online import AGGREGATIONS, DENSE_KD_LOSSES
 from distill.methods.base import Paper
 from distill.methods.online import RocketBoosterCE, RocketHint
-from distill.strategies.registry import register_strategy
+from distill.strategies.registry import refuse_multi_process, register_strategy
 from distill.taps import Taps, logits_of
 from distill.train.checkpoint import save_checkpoint
 from distill.train.evaluate import evaluate
@@ -274,6 +274,7 @@ def _run_cohort(
     optimizer and schedule) and ``checkpoints/best.pt`` (the weights of ``best_module``, by default
     the delivered member's module, at the delivered member's best epoch).
     """
+    refuse_multi_process("this cohort strategy")
     best_module = best_module if best_module is not None else modules[delivered]
     device = torch.device(cfg["device"]) if cfg["device"] is not None else \
         next(iter(_unique_params(modules.values())), torch.empty(0)).device

@@ -37,7 +37,11 @@ from distill.data.augment import mix_seed
 from distill.data.loader import InMemoryLoader
 from distill.distiller import Distiller
 from distill.methods.base import Method, Paper, create_method
-from distill.strategies.registry import as_model, register_strategy
+from distill.strategies.registry import (
+    as_model,
+    refuse_multi_process,
+    register_strategy,
+)
 from distill.taps import logits_of
 from distill.teachers import (
     EnsembleTeacher,
@@ -553,6 +557,7 @@ def fit_co_training(
     Raises (before any training): ValueError for a teacher, missing or mis-shaped ``unlabeled``,
     bad ``rounds`` / ``pool_size`` / ``per_class`` / ``exchange`` / views, or ``resume``.
     """
+    refuse_multi_process("fit_co_training")
     if teacher is not None:
         raise ValueError("co-training has no teacher: the two view classifiers label examples for each other")
     _count("rounds", rounds, low=0)
