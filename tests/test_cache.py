@@ -37,7 +37,7 @@ from distill.data import (
     RandomHorizontalFlip,
     get_dataset,
 )
-from distill.data.augment import SampleKeys
+from distill.data.augment import Mixup, SampleKeys
 from distill.models import create
 from distill.teachers import FrozenTeacher, list_teacher_sources
 
@@ -305,19 +305,20 @@ def test_truncated_corrupted_and_unfinished_caches_are_detected(tmp_path: Path) 
 # ------------------------------------------------------------------------------- training
 
 
-def test_cached_teacher_training_equals_live_teacher_training(tmp_path: Path) -> None:
+@pytest.mark.parametrize("aug", [AUG, Compose([*AUG.transforms, Mixup(1.0)])], ids=["crop_flip", "mixup"])
+def test_cached_teacher_training_equals_live_teacher_training(tmp_path: Path, aug: Compose) -> None:
     x, y = digits(128)
     val = get_dataset("digits", split="val")
     torch.manual_seed(1)
     teacher = create("cnn_digits_teacher").eval()
     torch.manual_seed(2)
     init = create("cnn_digits_student").state_dict()
-    cache = build_cache(teacher, x, tmp_path / "c", targets=y, augment=AUG, epochs=3, augment_seed=0)
+    cache = build_cache(teacher, x, tmp_path / "c", targets=y, augment=aug, epochs=3, augment_seed=0)
 
     def run(source: Any) -> tuple[nn.Module, Any]:
         student = create("cnn_digits_student")
         student.load_state_dict(init)
-        loader = InMemoryLoader(x, y, batch_size=32, augment=AUG, seed=0, return_index=True)
+        loader = InMemoryLoader(x, y, batch_size=32, augment=aug, seed=0, return_index=True)
         val_loader = InMemoryLoader(val.inputs, val.targets, batch_size=256, shuffle=False)
         if isinstance(source, CachedTeacher):
             source.prepare_loader(loader)

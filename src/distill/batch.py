@@ -22,17 +22,25 @@ class Batch:
         targets: integer class labels ``(B,)``, or ``None`` for unlabeled data.
         index: position of each sample in its data set ``(B,)``, or ``None``. Methods that keep
             per-sample state (memory banks, caches) read it.
+        mix_targets: with mixup (:class:`~distill.data.augment.Mixup`), the label of each sample's
+            partner ``(B,)`` long; ``None`` otherwise.
+        mix_lam: with mixup, each sample's own weight ``λ`` ``(B,)`` float: ``inputs`` is
+            ``λ·x_i + (1 − λ)·x_j`` and the label losses (``ce``, ``label_smoothing``) weigh
+            ``targets`` by ``λ`` and ``mix_targets`` by ``1 − λ``. ``None`` otherwise.
     """
 
     inputs: Tensor
     targets: Tensor | None = None
     index: Tensor | None = None
+    mix_targets: Tensor | None = None
+    mix_lam: Tensor | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         def move(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.to(device, non_blocking=non_blocking)
 
-        return replace(self, inputs=move(self.inputs), targets=move(self.targets), index=move(self.index))
+        return replace(self, inputs=move(self.inputs), targets=move(self.targets), index=move(self.index),
+                       mix_targets=move(self.mix_targets), mix_lam=move(self.mix_lam))
 
     def __len__(self) -> int:
         return int(self.inputs.shape[0])

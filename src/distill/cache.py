@@ -14,6 +14,10 @@ augmented, FKD's region-level soft labels; one in all for ``views="plain"``):
 * a probe of the input ``(2,)`` (a fixed weighted sum, and its scale) that every read compares
   with the batch's inputs, so a row is never served for a sample or view it was not built from.
 
+With a :class:`~distill.data.augment.Mixup` in the augmentation the stored view of sample ``i`` is
+the mixed one, ``λ·x_i + (1 − λ)·x_j`` (partner and ``λ`` replayed from ``(seed, epoch, i)``), and
+the manifest's augmentation record holds Mixup's ``alpha`` and ``p``.
+
 Values are stored in fp16 or fp32 (``fill`` and the probe always in fp32/fp64).
 
 **Top-k and the tail.** FKD's "marginal smoothing" and DistillKit's ``symmetric_uniform`` keep the
@@ -59,7 +63,7 @@ import torch
 from torch import Tensor, nn
 
 from distill.batch import Batch, View
-from distill.data.augment import KEY_DERIVATION, Augment, SampleKeys
+from distill.data.augment import KEY_DERIVATION, Augment, augmented_views, split_mixup
 from distill.teachers import (
     EnsembleTeacher,
     FrozenTeacher,
@@ -171,13 +175,14 @@ def _augment_record(augment: Augment | None, seed: int) -> dict[str, Any] | None
 
 def replay_views(inputs: Tensor, index: Tensor, epoch: int, augment: Augment | None, seed: int) -> Tensor:
     """The views ``(B, ...)`` of samples ``index`` ``(B,)`` that an
-    :class:`~distill.data.loader.InMemoryLoader` with this ``augment`` and ``augment_seed=seed``
-    yields in ``epoch``: ``augment.apply(inputs[index], augment.params_for(SampleKeys.of(seed, epoch, index)))``.
-    The un-augmented inputs when ``augment`` is ``None``."""
-    x = inputs[index.to(inputs.device)]
+    :class:`~distill.data.loader.InMemoryLoader` over ``inputs`` with this ``augment`` and
+    ``augment_seed=seed`` yields in ``epoch``: ``augment.apply(inputs[index], augment.params_for(
+    SampleKeys.of(seed, epoch, index, num_samples=N)))``, mixed with the partners' views when
+    ``augment`` ends with a :class:`~distill.data.augment.Mixup`
+    (:func:`~distill.data.augment.augmented_views`). The un-augmented inputs when ``augment`` is ``None``."""
     if augment is None:
-        return x
-    return augment.apply(x, augment.params_for(SampleKeys.of(seed, epoch, index)))
+        return inputs[index.to(inputs.device)]
+    return augmented_views(inputs, index, epoch, augment, seed)[0]
 
 
 _probe_weights: dict[tuple[int, str], Tensor] = {}
@@ -536,7 +541,8 @@ def build_cache(
     else:
         if not isinstance(augment, Augment) or not augment.per_sample:
             raise ValueError(f"augment {augment!r} cannot be replayed per sample (it needs params_for, as "
-                             "RandomCropPad, RandomHorizontalFlip and Compose have), so its views cannot be cached")
+                             "RandomCropPad, RandomHorizontalFlip, Mixup and Compose have), so its views cannot be "
+                             "cached")
         if inputs.dim() != 4:
             raise ValueError(f"augment needs images (N, C, H, W); got inputs of shape {tuple(inputs.shape)}")
         epochs = 1 if epochs is None else epochs
@@ -838,6 +844,10 @@ def recipe_cached_teacher(recipe: Recipe, losses: dict[str, dict[str, Any]], tea
     path = Path(spec.path)
     stages = [recipe.train.epochs] + ([recipe.hint_stage.train.epochs] if recipe.hint_stage is not None else [])
     augmented = spec.views == "augmented" and loader.augment is not None
+    if not augmented and isinstance(loader.augment, Augment) and split_mixup(loader.augment)[1] is not None:
+        # crops keep most of a sample ("global" soft labels, FKD); a mixed view is two samples
+        raise RecipeError("teacher.cache: views 'plain' stores the teacher's outputs on un-mixed inputs, but "
+                          "data.augment.mixup_alpha mixes every view with another sample: use views 'augmented'")
     if not (path / MANIFEST).exists():
         temps = sorted(set(_teacher_temperatures(losses)))
         temperature = spec.temperature

@@ -50,6 +50,7 @@ class ModelSpec(_Strict):
 class AugmentSpec(_Strict):
     crop_padding: int = Field(0, ge=0)
     flip: bool = False
+    mixup_alpha: float | None = Field(None, gt=0, description="mixup with λ ~ Beta(alpha, alpha), after crop and flip")
 
 
 class DataSpec(_Strict):

@@ -28,7 +28,7 @@ LS_NOTE = (
 def build_data(spec: DataSpec, seed: int = 0) -> tuple[Any, Any, dict[str, Any]]:
     """Train and evaluation loaders (in memory) for a data spec, and facts about the data."""
     from distill.data import get_dataset
-    from distill.data.augment import Compose, RandomCropPad, RandomHorizontalFlip
+    from distill.data.augment import Compose, Mixup, RandomCropPad, RandomHorizontalFlip
 
     train = get_dataset(spec.name, spec.root, split="train")
     val = get_dataset(spec.name, spec.root, split=spec.val_split)
@@ -40,6 +40,8 @@ def build_data(spec: DataSpec, seed: int = 0) -> tuple[Any, Any, dict[str, Any]]
         augs.append(RandomCropPad(spec.augment.crop_padding))
     if spec.augment.flip:
         augs.append(RandomHorizontalFlip())
+    if spec.augment.mixup_alpha is not None:
+        augs.append(Mixup(spec.augment.mixup_alpha))  # last: it mixes the finished views
     from distill.data.loader import InMemoryLoader
 
     # sample indices ride along (one gather): methods with per-sample state (CRD) read them

@@ -13,7 +13,7 @@ Typical use::
 """
 
 from distill.data.cifar import CIFARFormatError, load_cifar10, load_cifar100
-from distill.data.augment import Augment, Compose, RandomCropPad, RandomHorizontalFlip
+from distill.data.augment import Augment, Compose, Mixup, RandomCropPad, RandomHorizontalFlip
 from distill.data.loader import IndexedTensorDataset, InMemoryLoader
 from distill.data.sources import (
     DigitsSplit,
@@ -33,6 +33,7 @@ __all__ = [
     "load_cifar100",
     "Augment",
     "Compose",
+    "Mixup",
     "DigitsSplit",
     "IDXFormatError",
     "InMemoryLoader",

@@ -11,7 +11,13 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from distill.batch import Batch
-from distill.data.augment import Augment, SampleKeys, mix_seed
+from distill.data.augment import (
+    Augment,
+    SampleKeys,
+    augmented_views,
+    mix_seed,
+    split_mixup,
+)
 
 __all__ = ["InMemoryLoader", "IndexedTensorDataset", "mix_seed"]
 
@@ -63,7 +69,10 @@ class InMemoryLoader:
     augmentation parameters of sample ``i`` in epoch ``e`` (crop offsets, flip) are a pure function
     of ``(augment_seed, e, i)`` (:class:`~distill.data.augment.SampleKeys`), whatever batch the
     sample lands in: :meth:`augment_params` replays them, and a teacher cache
-    (:mod:`distill.cache`) stores the teacher's outputs for exactly these views. The loader does
+    (:mod:`distill.cache`) stores the teacher's outputs for exactly these views. With a
+    :class:`~distill.data.augment.Mixup` last in ``augment``, the loader (it holds every sample)
+    mixes each view with its partner's view (the partner's own crop and flip of that epoch) and
+    fills ``Batch.mix_targets`` (the partner's label) and ``Batch.mix_lam`` for the loss. The loader does
     **not** advance the epoch by itself: the training loop must call :meth:`set_epoch` before
     iterating each epoch (the default is epoch 0, so a loop that forgets sees the same order every
     epoch). In exchange a run resumed at epoch ``e`` sees the same batches as the uninterrupted run.
@@ -85,8 +94,9 @@ class InMemoryLoader:
         batch_size: samples per batch (the last one may be smaller unless ``drop_last``).
         shuffle: draw a fresh permutation per epoch; otherwise keep data order.
         drop_last: drop the final incomplete batch.
-        augment: an :class:`~distill.data.augment.Augment` applied to each batch of images (a
-            plain callable ``augment(x, generator)`` also works; it gets :meth:`augment_generator`).
+        augment: an :class:`~distill.data.augment.Augment` applied to each batch of images, a
+            :class:`~distill.data.augment.Mixup` possibly last (a plain callable
+            ``augment(x, generator)`` also works; it gets :meth:`augment_generator`).
         seed: base seed of the order (and, unless ``augment_seed`` is given, of the augmentation).
         augment_seed: seed of the augmentation draws; runs with different ``seed`` but one
             ``augment_seed`` see the same view of each sample in each epoch (what lets several
@@ -117,6 +127,8 @@ class InMemoryLoader:
             raise ValueError(
                 f"InMemoryLoader augment needs images (N, C, H, W); got inputs of shape {tuple(inputs.shape)}"
             )
+        if isinstance(augment, Augment) and split_mixup(augment)[1] is not None and not inputs.is_floating_point():
+            raise TypeError(f"InMemoryLoader: Mixup needs floating-point inputs to mix; got {inputs.dtype}")
         if device is not None:
             inputs = inputs.to(device)
             targets = targets.to(device) if targets is not None else None
@@ -182,12 +194,35 @@ class InMemoryLoader:
         """The augmentation parameters of samples ``index`` ``(B,)`` in ``epoch`` (default: the current one).
 
         ``augment.apply(inputs[index], loader.augment_params(index, epoch))`` replays the exact
-        views the loader yields for those samples, in any grouping.
+        views the loader yields for those samples, in any grouping. With a Mixup the last entry
+        is its :class:`~distill.data.augment.MixupParams` (partner, λ), and :meth:`views` replays.
         """
         if not isinstance(self.augment, Augment):
             raise TypeError(f"augment_params needs an Augment; this loader's augment is {self.augment!r}")
         epoch = self.epoch if epoch is None else epoch
-        return self.augment.params_for(SampleKeys.of(self.augment_seed, epoch, index))
+        return self.augment.params_for(SampleKeys.of(self.augment_seed, epoch, index, num_samples=self.num_samples))
+
+    def views(self, index: Tensor, epoch: int | None = None) -> Batch:
+        """The batch of samples ``index`` ``(B,)`` (CPU, int64) exactly as this loader yields them in
+        ``epoch`` (default: the current one), whatever batch or shard they land in."""
+        if self.augment is not None and not isinstance(self.augment, Augment):
+            raise TypeError(f"views needs an Augment (per-sample draws); this loader's augment is {self.augment!r}")
+        epoch = self.epoch if epoch is None else epoch
+        return self._batch(index, index.to(self.inputs.device), epoch, batch_number=0)
+
+    def _batch(self, cpu_idx: Tensor, idx: Tensor, epoch: int, batch_number: int) -> Batch:
+        x = self.inputs[idx]
+        mix_targets = mix_lam = None
+        if isinstance(self.augment, Augment):
+            x, mix = augmented_views(self.inputs, cpu_idx, epoch, self.augment, self.augment_seed, x=x)
+            if mix is not None:
+                mix_lam = mix.lam.to(device=x.device, dtype=x.dtype)  # the λ that weighed the inputs
+                if self.targets is not None:
+                    mix_targets = self.targets[mix.partner.to(self.targets.device)]
+        elif self.augment is not None:
+            x = self.augment(x, self.augment_generator(batch_number, epoch))
+        y = self.targets[idx] if self.targets is not None else None
+        return Batch(x, y, idx if self.return_index else None, mix_targets, mix_lam)
 
     def augment_generator(self, batch_index: int, epoch: int | None = None) -> torch.Generator:
         """The CPU generator a plain-callable ``augment(x, generator)`` gets for batch ``batch_index``.
@@ -229,13 +264,7 @@ class InMemoryLoader:
         for k, cpu_idx in enumerate(batches):
             idx = on_device[start:start + len(cpu_idx)]  # type: ignore[index]
             start += len(cpu_idx)
-            x = self.inputs[idx]
-            if isinstance(self.augment, Augment):
-                x = self.augment.apply(x, self.augment_params(cpu_idx, epoch))
-            elif self.augment is not None:
-                x = self.augment(x, self.augment_generator(k, epoch))
-            y = self.targets[idx] if self.targets is not None else None
-            yield Batch(x, y, idx if self.return_index else None)
+            yield self._batch(cpu_idx, idx, epoch, k)
 
     def __repr__(self) -> str:
         return (

@@ -25,6 +25,7 @@ __all__ = [
     "cross_entropy",
     "smooth_targets",
     "label_smoothing_loss",
+    "mixed_label_loss",
     "kl_rows",
     "kd_per_sample",
     "kd_loss",
@@ -104,6 +105,41 @@ def label_smoothing_loss(logits: Tensor, targets: Tensor, eps: float = 0.1) -> T
     log_p = F.log_softmax(logits, dim=1)
     q = smooth_targets(targets, logits.shape[1], eps, dtype=log_p.dtype).to(log_p.device)
     return -(q * log_p).sum(dim=1).mean()
+
+
+def mixed_label_loss(logits: Tensor, targets: Tensor, mix_targets: Tensor, lam: Tensor, eps: float = 0.0) -> Tensor:
+    r"""mixup's loss: cross-entropy against the mixed (optionally label-smoothed) targets.
+
+    .. math::
+        L = \frac{1}{B} \sum_b \lambda_b\, H(q'(y_b), p_b) + (1 - \lambda_b)\, H(q'(y'_b), p_b),
+        \qquad p_b = \operatorname{softmax}(z_b)
+
+    where :math:`H(q, p) = -\sum_k q_k \log p_k` and :math:`q'(y)` is the label-smoothed one-hot
+    of :func:`label_smoothing_loss` (plain one-hot for ``eps = 0``). Cross-entropy is linear in the
+    target, so this equals the cross-entropy against the paper's mixed target
+    :math:`\lambda q'(y_b) + (1 - \lambda) q'(y'_b)`.
+
+    Shapes: ``logits`` (B, K), ``targets`` (B,) the labels of the samples, ``mix_targets`` (B,)
+    their partners' labels, ``lam`` (B,) each sample's weight → scalar.
+
+    Paper: H. Zhang, M. Cisse, Y. N. Dauphin, D. Lopez-Paz, "mixup: Beyond Empirical Risk
+    Minimization", ICLR 2018, arXiv 1710.09412 (a per-sample ``λ`` here, see
+    :class:`distill.data.augment.Mixup`).
+    """
+    if not 0.0 <= eps <= 1.0:
+        raise ValueError(f"label smoothing eps must be in [0, 1], got {eps}")
+    b = logits.shape[0]
+    if targets.shape != (b,) or mix_targets.shape != (b,) or lam.shape != (b,):
+        raise ValueError(f"mixed_label_loss expects targets, mix_targets and lam of shape ({b},) for logits "
+                         f"{tuple(logits.shape)}; got {tuple(targets.shape)}, {tuple(mix_targets.shape)}, "
+                         f"{tuple(lam.shape)}")
+    log_p = F.log_softmax(logits, dim=1)
+    nll = -log_p.gather(1, torch.stack([targets, mix_targets], 1).long())  # (B, 2)
+    w = lam.to(log_p.dtype)
+    per_sample = w * nll[:, 0] + (1 - w) * nll[:, 1]
+    if eps:  # q' = (1 - eps) one-hot + eps / K: the uniform part is the same for both labels
+        per_sample = (1 - eps) * per_sample - eps * log_p.mean(dim=1)
+    return per_sample.mean()
 
 
 # --------------------------------------------------------------------------------------------

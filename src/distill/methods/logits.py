@@ -20,6 +20,12 @@ def _targets(method: Method, batch: Batch) -> Tensor:
     return batch.targets
 
 
+def _mixed(batch: Batch) -> bool:
+    """Whether the batch carries mixup's partner labels and weights (getattr: batch subclasses built
+    elsewhere may predate the fields)."""
+    return getattr(batch, "mix_lam", None) is not None and getattr(batch, "mix_targets", None) is not None
+
+
 def _logits(view: View, side: str) -> Tensor:
     try:
         return view["logits"]
@@ -39,7 +45,12 @@ def _logits(view: View, side: str) -> Tensor:
     ),
 )
 class CrossEntropy(Method):
-    """Cross-entropy on the ground-truth labels (no teacher)."""
+    """Cross-entropy on the ground-truth labels (no teacher).
+
+    On a mixup batch (``batch.mix_targets`` and ``batch.mix_lam`` set, see
+    :class:`distill.data.augment.Mixup`) it is mixup's loss, ``λ·CE(y_i) + (1 − λ)·CE(y_j)`` per
+    sample (:func:`distill.functional.mixed_label_loss`).
+    """
 
     needs_teacher = False
     needs_targets = True
@@ -48,6 +59,9 @@ class CrossEntropy(Method):
         super().__init__(weight=weight, warmup_epochs=warmup_epochs)
 
     def forward(self, student_view: View, teacher_view: View, batch: Batch) -> Tensor:
+        if _mixed(batch):
+            return DF.mixed_label_loss(_logits(student_view, "student"), _targets(self, batch), batch.mix_targets,
+                                       batch.mix_lam)
         return DF.cross_entropy(_logits(student_view, "student"), _targets(self, batch))
 
 
@@ -67,6 +81,8 @@ class LabelSmoothing(Method):
 
     See :func:`distill.functional.label_smoothing_loss` (and the note there on Chandrasegaran et al.
     ICML 2022, arXiv 2206.14532, about distilling from teachers trained with label smoothing).
+    On a mixup batch each sample's two smoothed targets are weighed by ``λ`` and ``1 − λ``
+    (:func:`distill.functional.mixed_label_loss`).
     """
 
     needs_teacher = False
@@ -79,6 +95,9 @@ class LabelSmoothing(Method):
         self.eps = float(eps)
 
     def forward(self, student_view: View, teacher_view: View, batch: Batch) -> Tensor:
+        if _mixed(batch):
+            return DF.mixed_label_loss(_logits(student_view, "student"), _targets(self, batch), batch.mix_targets,
+                                       batch.mix_lam, self.eps)
         return DF.label_smoothing_loss(_logits(student_view, "student"), _targets(self, batch), self.eps)
 
     def extra_repr(self) -> str:

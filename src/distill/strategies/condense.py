@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -144,7 +144,7 @@ class CondensedLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         for b in self._loader:
-            yield Batch(b.inputs, b.targets, self.index[b.index])
+            yield replace(b, index=self.index[b.index])  # keeps the mixup fields of a mixed batch
 
     def __repr__(self) -> str:
         return (f"CondensedLoader(stage={self.stage}, samples={self.num_samples}/{self.inputs.shape[0]}, "

@@ -183,7 +183,7 @@ class EMATeacher(FrozenTeacher):
     def forward(self, batch: Batch) -> View:
         inputs = getattr(batch, "teacher_inputs", None)
         if inputs is not None:
-            batch = Batch(inputs, batch.targets, batch.index)
+            batch = replace(batch, inputs=inputs)  # keeps the mixup fields of a mixed batch
         # noise (dropout, batch statistics) only in a training step: evaluation and prepare() run
         # without gradient, and the teacher must be deterministic there
         noisy = self.noise and self.training and torch.is_grad_enabled()

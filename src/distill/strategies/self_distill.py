@@ -108,7 +108,7 @@ class LastBatchLoader(_Wrapper):
     def __iter__(self) -> Iterator[Batch]:
         previous: Batch | None = None
         for raw in self.loader:
-            batch = as_batch(raw)
+            batch = _unmixed(as_batch(raw), "DLB's last-batch pairing")
             if previous is not None:
                 yield Batch(torch.cat([previous.inputs, batch.inputs]), _cat(previous.targets, batch.targets),
                             _cat(previous.index, batch.index))
@@ -122,12 +122,19 @@ class RotationLoader(_Wrapper):
 
     def __iter__(self) -> Iterator[Batch]:
         for raw in self.loader:
-            b = as_batch(raw)
+            b = _unmixed(as_batch(raw), "SLA's rotations")
             yield Batch(DF.sla_rotations(b.inputs), _repeat(b.targets), _repeat(b.index))
 
 
 def _repeat(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.repeat_interleave(4)
+
+
+def _unmixed(batch: Batch, who: str) -> Batch:
+    """Refuse mixup batches where a wrapper rebuilds the batch (the mixed labels would be lost)."""
+    if batch.mix_lam is not None:
+        raise ValueError(f"{who} does not support mixup batches (Mixup augmentation): remove it from the loader")
+    return batch
 
 
 def _cat(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
