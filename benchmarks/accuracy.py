@@ -63,8 +63,9 @@ METHOD_LOSSES: dict[str, dict[str, Any]] = {
     # the 4x4 last maps of these CNNs: 2x2 patches in groups of 2, 2x2 anchors
     "tat_hierarchical": {"ce": 1.0, "tat_hierarchical": {"patch_size": 2, "group_size": 2, "anchor_kernel": 2}},
     # the small CNN's stages for the multi-path network (its head has dropout, no "head" module)
+    # hint weight 1e-3: its per-sample squared norms over maps of 4k-12k elements diverge at weight 1 and lr 0.05
     "spot_adaptive": {"ce": 1.0, "spot_adaptive": {
-        "student_stages": CNN_STAGES, "teacher_stages": CNN_STAGES}},
+        "student_stages": CNN_STAGES, "teacher_stages": CNN_STAGES, "hint": 1e-3}},
 }
 # a first stage before the main fit, as the papers do: (stage name, epochs, loss weight in the stage or None)
 STAGES: dict[str, tuple[str, int, float | None]] = {"fitnet": ("fitnet", 1, None), "ab": ("ab", 1, 0.003),
