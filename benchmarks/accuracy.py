@@ -51,6 +51,8 @@ METHOD_LOSSES: dict[str, dict[str, Any]] = {
     "sp": {"ce": 1.0, "sp": {"weight": 3000.0}},
     "pkt": {"ce": 1.0, "pkt": {"weight": 30000.0 / 128}},
     "nst": {"ce": 1.0, "nst": {"weight": 50.0}},
+    # the element mean of RepDistiller and the authors' code (the paper's per-sample sum diverges here at weight 1)
+    "vid": {"ce": 1.0, "vid": {"reduction": "mean"}},
     # FSP initialises (its stage below) and is then off, as the paper does; lambda_i = 1/(C1*C2) of the
     # teacher's pair (stem 32 x stage1 64, stage1 64 x stage2 128) is RepDistiller's element mean
     "fsp": {"ce": 1.0, "fsp": {"weight": 0.0, "lambdas": [1.0 / (32 * 64), 1.0 / (64 * 128)]}},
