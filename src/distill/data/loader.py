@@ -19,7 +19,7 @@ from distill.data.augment import (
     split_mixup,
 )
 
-__all__ = ["InMemoryLoader", "IndexedTensorDataset", "mix_seed"]
+__all__ = ["InMemoryLoader", "IndexedTensorDataset", "in_memory_tensors", "mix_seed"]
 
 SHARD_SPLITS = ("batch", "samples")
 
@@ -273,3 +273,24 @@ class InMemoryLoader:
             f"epoch={self.epoch}"
             + (f", shard={self.rank}/{self.world_size} ({self.split})" if self.world_size > 1 else "") + ")"
         )
+
+
+def in_memory_tensors(data: Any, who: str) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
+    """``(inputs, targets, loader settings)`` of training data held in memory.
+
+    For strategies that build new loaders over (subsets of, or additions to) the training data:
+    an :class:`InMemoryLoader` (its batch size, order, augmentation and seed come along as
+    settings), a :class:`~distill.data.sources.TensorData` (or anything with tensor ``inputs``),
+    or an ``(inputs, targets)`` tuple of tensors. Anything else is a ``TypeError`` naming ``who``.
+    """
+    if isinstance(data, InMemoryLoader):
+        settings = {"batch_size": data.batch_size, "shuffle": data.shuffle, "drop_last": data.drop_last,
+                    "augment": data.augment, "seed": data.seed}
+        return data.inputs, data.targets, settings
+    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Tensor):
+        return data[0], data[1], {}
+    if isinstance(getattr(data, "inputs", None), Tensor):  # TensorData and look-alikes
+        return data.inputs, getattr(data, "targets", None), {}
+    raise TypeError(f"{who} builds new loaders from the training data, so it needs it in memory: an "
+                    f"InMemoryLoader, a distill.data.sources.TensorData or an (inputs, targets) tuple of tensors; "
+                    f"got {type(data).__name__}")

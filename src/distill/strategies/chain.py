@@ -37,7 +37,7 @@ from distill.models.registry import list_models
 from distill.strategies.registry import register_strategy
 from distill.taps import logits_of
 from distill.teachers import EnsembleTeacher, FrozenTeacher, TeacherSource, freeze
-from distill.train.checkpoint import load_checkpoint, save_model
+from distill.train.checkpoint import load_model, save_model
 from distill.train.evaluate import evaluate
 from distill.train.loop import FitResult, fit, seed_everything
 
@@ -486,22 +486,7 @@ def load_weights(path: str | Path, model: nn.Module) -> nn.Module:
     (the student of its ``"distiller"`` state) or ``checkpoints/best.pt`` (its ``"student"``), or a plain
     ``state_dict``. A clear error names the file when the weights do not fit the model.
     """
-    state = load_checkpoint(path)
-    if isinstance(state, dict) and state.get("format") == "distill.model/1":
-        weights = state["state_dict"]
-    elif isinstance(state, dict) and isinstance(state.get("distiller"), dict) and "student" in state["distiller"]:
-        weights = state["distiller"]["student"]
-    elif isinstance(state, dict) and isinstance(state.get("student"), dict):
-        weights = state["student"]
-    elif isinstance(state, dict):
-        weights = state.get("state_dict", state)
-    else:
-        raise ValueError(f"{str(path)!r} holds a {type(state).__name__}, not model weights")
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise ValueError(f"weights in {str(path)!r} do not fit {type(model).__name__}: {e}") from None
-    return model
+    return load_model(path, model)[0]
 
 
 def save_every_epoch(model: nn.Module, folder: str | Path, every: int = 1) -> Callable[[dict[str, Any]], None]:

@@ -31,7 +31,7 @@ from torch import Tensor
 from distill import functional as DF
 from distill.batch import Batch
 from distill.data.augment import Augment
-from distill.data.loader import InMemoryLoader
+from distill.data.loader import InMemoryLoader, in_memory_tensors
 from distill.functional.condensation import SUMMARY_MODES
 from distill.methods.condensation import KCD
 from distill.train.loop import FitResult, fit
@@ -173,24 +173,6 @@ def _find_kcd(distiller: Any, loss: str | None) -> KCD:
     return kcd
 
 
-def _training_tensors(train_data: Any) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
-    """(inputs, targets, loader settings) of in-memory training data."""
-    if isinstance(train_data, InMemoryLoader):
-        settings = {"batch_size": train_data.batch_size, "shuffle": train_data.shuffle,
-                    "drop_last": train_data.drop_last, "augment": train_data.augment, "seed": train_data.seed}
-        return train_data.inputs, train_data.targets, settings
-    if isinstance(train_data, tuple) and len(train_data) == 2:
-        return train_data[0], train_data[1], {}
-    inputs, targets = getattr(train_data, "inputs", None), getattr(train_data, "targets", None)
-    if isinstance(inputs, Tensor):  # TensorData and look-alikes
-        return inputs, targets, {}
-    raise TypeError(
-        "fit_condensed builds loaders over subsets of the training data, so it needs the data in memory: "
-        "a distill.data.sources.TensorData, an (inputs, targets) tuple of tensors or an InMemoryLoader; "
-        f"got {type(train_data).__name__}"
-    )
-
-
 def _check_real(name: str, value: Any, low: float, high: float | None, low_open: bool = False) -> float:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if ok:
@@ -290,7 +272,7 @@ def fit_condensed(
             stacklevel=2,
         )
 
-    inputs, targets, settings = _training_tensors(train_data)
+    inputs, targets, settings = in_memory_tensors(train_data, "fit_condensed")
     if not isinstance(inputs, Tensor) or inputs.dim() == 0 or inputs.shape[0] < 1:
         raise ValueError("the training data has no samples")
     given = {"batch_size": batch_size, "shuffle": shuffle, "drop_last": drop_last, "augment": augment}

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from distill import functional as DF
 from distill.batch import Batch, View
 from distill.data.augment import mix_seed
-from distill.data.loader import InMemoryLoader
+from distill.data.loader import InMemoryLoader, in_memory_tensors
 from distill.distiller import Distiller
 from distill.methods.base import Method, Paper, create_method
 from distill.strategies.registry import (
@@ -87,20 +87,8 @@ GENERATORS = ("munge", "random", "nbe")
 # --------------------------------------------------------------------------------------------
 
 
-def _in_memory(data: Any, who: str) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
-    """(inputs, targets, loader settings) of training data held in memory."""
-    if isinstance(data, InMemoryLoader):
-        return data.inputs, data.targets, {"batch_size": data.batch_size, "augment": data.augment}
-    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Tensor):
-        return data[0], data[1], {}
-    if isinstance(getattr(data, "inputs", None), Tensor):  # TensorData and look-alikes
-        return data.inputs, getattr(data, "targets", None), {}
-    raise TypeError(f"{who} builds new training sets from the data, so it needs it in memory: an InMemoryLoader, "
-                    f"a distill.data.sources.TensorData or an (inputs, targets) tuple; got {type(data).__name__}")
-
-
 def _labelled(data: Any, who: str) -> tuple[Tensor, Tensor, dict[str, Any]]:
-    x, y, settings = _in_memory(data, who)
+    x, y, settings = in_memory_tensors(data, who)
     if not isinstance(y, Tensor) or y.shape[:1] != x.shape[:1] or x.shape[0] == 0:
         raise ValueError(f"{who} needs labelled training data: inputs (N, ...) with targets (N,); got inputs "
                          f"{tuple(x.shape)} and targets {None if y is None else tuple(y.shape)}")
@@ -318,7 +306,7 @@ def fit_model_compression(
         raise ValueError(f"loss must be 'mse' (the paper's) or 'kd'; got {loss!r}")
     method = ProbabilityRegression() if loss == "mse" else create_method("kd", T=T)
     fit_kwargs = _without(fit_kwargs, "fit_model_compression")
-    x, _, settings = _in_memory(train_loader, "fit_model_compression")
+    x, _, settings = in_memory_tensors(train_loader, "fit_model_compression")
     size = _batch_size(batch_size, settings)
     synthetic = transfer_set(x, generator, multiplier=multiplier, p=p, s=s, nominal=nominal,
                              components=components, seed=seed)

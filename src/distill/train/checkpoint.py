@@ -60,8 +60,10 @@ def load_model(path: str | Path, model: torch.nn.Module | None = None,
                map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """Load a model saved by :func:`save_model`: into ``model`` if given, else rebuilt from the zoo.
 
-    Also accepts a plain ``state_dict`` file when ``model`` is given. Returns ``(model, metadata)``;
-    the metadata is also set as ``model.distill_metadata`` so teacher sources can report it.
+    Also accepts, when ``model`` is given, ``fit``'s ``checkpoints/last.pt`` (the student of its
+    ``"distiller"`` state) or ``checkpoints/best.pt`` (its ``"student"``), or a plain
+    ``state_dict`` file. Returns ``(model, metadata)``; the metadata is also set as
+    ``model.distill_metadata`` so teacher sources can report it.
     """
     state = load_checkpoint(path, map_location)
     if isinstance(state, dict) and state.get("format") == "distill.model/1":
@@ -73,7 +75,15 @@ def load_model(path: str | Path, model: torch.nn.Module | None = None,
             model = create(state["model"], **state["kwargs"])
         weights, metadata = state["state_dict"], state["metadata"]
     elif model is not None and isinstance(state, dict):
-        weights, metadata = state.get("state_dict", state), {}
+        if isinstance(state.get("distiller"), dict) and "student" in state["distiller"]:  # fit's last.pt
+            weights = state["distiller"]["student"]
+        elif isinstance(state.get("student"), dict):  # fit's best.pt
+            weights = state["student"]
+        else:
+            weights = state.get("state_dict", state)
+        metadata = {}
+    elif model is not None:
+        raise ValueError(f"{str(path)!r} holds a {type(state).__name__}, not model weights")
     else:
         raise ValueError(f"{str(path)!r} is not a distill model file; pass the model to load a plain state_dict into")
     try:
