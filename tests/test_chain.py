@@ -1,5 +1,6 @@
 """Chains and generations: born-again networks (CWTM, DKPP, the generations' ensemble), teacher-
-assistant chains and Pro-KD (checkpoint-following teacher, annealed temperature).
+assistant chains, Pro-KD (checkpoint-following teacher, annealed temperature) and ResKD (res-students
+on the residual, and the sample-adaptive inference that runs them only where a sample needs them).
 
 Each objective against numbers worked out by hand or explicit loops, gradients reaching the student
 only, the chain's wiring (each stage taught by the model the previous stage delivered), and short
@@ -24,14 +25,18 @@ from distill.data.loader import InMemoryLoader
 from distill.strategies.chain import (
     CWTM,
     DKPP,
+    AdaptiveResidualStudent,
     AnnealedKD,
     CheckpointTeacher,
     ResidualStudent,
+    ResKDResult,
     born_again,
     ensemble_accuracy,
+    evaluate_adaptive,
     load_weights,
     pro_kd,
     reskd,
+    reskd_confident,
     save_every_epoch,
     takd,
 )
@@ -429,15 +434,139 @@ def test_reskd_res_student_learns_the_residual_on_digits() -> None:
     assert stage1[-1]["train_residual"] < stage1[0]["train_residual"]
     assert result.last_acc == pytest.approx(accuracy(final, val))
     assert all(torch.equal(v, base.state_dict()[k]) for k, v in base_state.items())
+    # sample-adaptive inference over the same parts: its accuracy and mean number of res-students
+    assert isinstance(result, ResKDResult) and isinstance(result.adaptive, AdaptiveResidualStudent)
+    assert list(result.adaptive.parts) == [base, res]
+    n = correct = ran = 0
+    for batch in val:
+        logits, used = result.adaptive.predict(batch.inputs)
+        n, correct, ran = n + len(used), correct + int((logits.argmax(1) == batch.targets).sum()), ran + int(used.sum())
+    assert result.adaptive_acc == pytest.approx(100.0 * correct / n)
+    assert result.avg_res_students == pytest.approx(ran / n) and result.part_usage == [pytest.approx(ran / n)]
+    assert 0.0 < result.avg_res_students < 1.0  # some samples skip the res-student, some run it
+    assert result.adaptive_acc == pytest.approx(accuracy(result.adaptive, val))  # what evaluate() sees
+    # the threshold's ends: the student alone, every part
+    alone = evaluate_adaptive(AdaptiveResidualStudent(final, 0.0), val)
+    assert alone["avg_res_students"] == 0.0 and alone["acc"] == pytest.approx(accuracy(ResidualStudent([base]), val))
+    every = evaluate_adaptive(AdaptiveResidualStudent(final, 0.0, "entropy"), val)
+    assert every["avg_res_students"] == 1.0 and every["acc"] == pytest.approx(result.last_acc)
+
+
+def test_reskd_stopping_rule_by_hand() -> None:
+    # rows: p = (0.9, 0.1), (0.5, 0.5), (0.99, 0.01)
+    z = torch.tensor([[math.log(9.0), 0.0], [0.0, 0.0], [math.log(99.0), 0.0]])
+    assert reskd_confident(z, 0.9).tolist() == [True, False, True]
+    assert reskd_confident(z, 0.95).tolist() == [False, False, True]
+    assert reskd_confident(z, 0.0).tolist() == [True, True, True]  # tau = 0: the student alone
+    # entropy normalised by log 2: H(0.9, 0.1) / log 2 = 0.46900, H(0.99, 0.01) / log 2 = 0.08079, H(0.5, 0.5) = 1
+    h = [-(0.9 * math.log(0.9) + 0.1 * math.log(0.1)) / math.log(2), 1.0,
+         -(0.99 * math.log(0.99) + 0.01 * math.log(0.01)) / math.log(2)]
+    assert h[0] == pytest.approx(0.468996, abs=1e-6) and h[2] == pytest.approx(0.080793, abs=1e-6)
+    assert reskd_confident(z, 0.5, "entropy").tolist() == [True, False, True]
+    assert reskd_confident(z, 0.1, "entropy").tolist() == [False, False, True]
+    assert reskd_confident(z, 1.0, "entropy").tolist() == [True, True, True]
+    # a probability that underflows to 0 keeps the entropy finite (0 · log 0 = 0)
+    assert reskd_confident(torch.tensor([[0.0, -1e4, -1e4]]), 0.01, "entropy").tolist() == [True]
+
+
+def _linear(weight: list[list[float]], bias: list[float]) -> nn.Linear:
+    m = nn.Linear(2, 2)
+    with torch.no_grad():
+        m.weight.copy_(torch.tensor(weight))
+        m.bias.copy_(torch.tensor(bias))
+    return m
+
+
+def test_adaptive_inference_by_hand() -> None:
+    # student z0 = (x0, 0), res-student 1 adds (x1, 0), res-student 2 adds (0.5, 0); with tau = 0.9 a
+    # two-class sample stops once its logit gap reaches log 9 = 2.197
+    parts = [_linear([[1, 0], [0, 0]], [0, 0]), _linear([[0, 1], [0, 0]], [0, 0]), _linear([[0, 0], [0, 0]], [0.5, 0])]
+    seen: list[int] = []
+    for part in parts[1:]:
+        part.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape[0]))
+    model = AdaptiveResidualStudent(parts, threshold=0.9)
+    x = torch.tensor([[3.0, 0.0],   # gap 3 after the student: stops, logits (3, 0)
+                      [1.0, 2.0],   # gap 1, then 1 + 2 = 3: stops after res-student 1, logits (3, 0)
+                      [0.0, 1.0]])  # gap 0, then 1: runs both, logits (0 + 1 + 0.5, 0)
+    logits, used = model.predict(x)
+    torch.testing.assert_close(logits, torch.tensor([[3.0, 0.0], [3.0, 0.0], [1.5, 0.0]]))
+    assert used.tolist() == [0, 1, 2]
+    assert seen == [2, 1]  # res-student 1 ran on the two samples still going, res-student 2 on one
+    torch.testing.assert_close(model(x), logits)
+    assert model.last_used.tolist() == [0, 1, 2]  # type: ignore[union-attr]
+    torch.testing.assert_close(model.full(x), torch.tensor([[3.5, 0.0], [3.5, 0.0], [1.5, 0.0]]))
+    # tau = 0 keeps every sample at the student; "entropy" at 0 runs every part
+    assert AdaptiveResidualStudent(parts, threshold=0.0).predict(x)[1].tolist() == [0, 0, 0]
+    torch.testing.assert_close(AdaptiveResidualStudent(parts, 0.0, "entropy")(x), model.full(x))
+
+
+def test_adaptive_inference_equals_each_samples_own_partial_sum() -> None:
+    torch.manual_seed(0)
+    parts = [FACTORIES["cnn"](), FACTORIES["mlp"](), FACTORIES["cnn"]()]
+    for part in parts:  # non-trivial BatchNorm statistics, then frozen by the wrapper
+        part.train()
+        with torch.no_grad():
+            part(torch.randn(32, 1, 8, 8) * 2 + 0.5)
+    x = torch.randn(40, 1, 8, 8)
+    with torch.no_grad():
+        top = torch.softmax(parts[0].eval()(x), 1).max(1).values
+    tau = float(top.median())  # about half the samples stop at the student
+    model = AdaptiveResidualStudent(ResidualStudent(parts), threshold=tau)
+    logits, used = model.predict(x)
+    with torch.no_grad():
+        for i in range(len(x)):  # one sample at a time, with an explicit loop over the parts
+            xi = x[i:i + 1]
+            running, k = parts[0](xi), 0
+            while k < 2 and float(torch.softmax(running, 1).max()) < tau:
+                k += 1
+                running = running + parts[k](xi)
+            assert int(used[i]) == k
+            torch.testing.assert_close(logits[i:i + 1], running, rtol=1e-5, atol=1e-6)
+            if k == 0:  # stopped early: exactly the student's logits
+                torch.testing.assert_close(logits[i:i + 1], parts[0](xi), rtol=1e-5, atol=1e-6)
+    assert 0 < int((used == 0).sum()) < len(x) and int((used > 0).sum()) > 0
+    assert not any(p.requires_grad for p in model.parameters())
+    assert all(not m.training for m in model.modules())
+
+
+def test_adaptive_inference_checks_arguments() -> None:
+    parts = [FACTORIES["mlp"](), FACTORIES["mlp"]()]
+    for kwargs, match in [({"threshold": 1.5}, "threshold"), ({"threshold": -0.1}, "threshold"),
+                          ({"threshold": float("nan")}, "threshold"), ({"threshold": True}, "threshold"),
+                          ({"criterion": "margin"}, "criterion")]:
+        with pytest.raises(ValueError, match=match):
+            AdaptiveResidualStudent(parts, **kwargs)
+        with pytest.raises(ValueError, match=match):
+            reskd_confident(torch.zeros(2, 3), **kwargs)
+    with pytest.raises(ValueError, match="K >= 2"):
+        reskd_confident(torch.zeros(4, 1))
+    with pytest.raises(ValueError, match="K >= 2"):
+        reskd_confident(torch.zeros(4))
+    with pytest.raises(TypeError, match="tensor"):
+        AdaptiveResidualStudent(parts)({"x": torch.zeros(2, 1, 8, 8)})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="part 1"):
+        AdaptiveResidualStudent([parts[0], nn.Sequential(nn.Flatten(), nn.Linear(64, 3))], 1.0)(torch.zeros(2, 64))
+    with pytest.raises(TypeError, match="AdaptiveResidualStudent"):
+        evaluate_adaptive(ResidualStudent(parts), [])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="no samples"):
+        evaluate_adaptive(AdaptiveResidualStudent(parts), [])
+
+
+class _NotIterated:
+    """A loader that fails the test if anything iterates it (so an error came before training)."""
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        raise AssertionError("the strategy started training before checking its arguments")
 
 
 def test_reskd_checks_arguments_before_training() -> None:
-    train, val = digits(100)
+    train, val = _NotIterated(), _NotIterated()
     teacher = FACTORIES["cnn"]()
     for kwargs, match, error in [
         ({"res_students": []}, "res_students", TypeError), ({"res_students": [3]}, r"res_students\[0\]", TypeError),
         ({"teacher": None}, "teacher", TypeError), ({"ce_weight": -1.0}, "ce_weight", ValueError),
-        ({"kd_weight": 0.0}, "kd_weight", ValueError),
+        ({"kd_weight": 0.0}, "kd_weight", ValueError), ({"threshold": 2.0}, "threshold", ValueError),
+        ({"criterion": "margin"}, "criterion", ValueError),
     ]:
         with pytest.raises(error, match=match):
             reskd(FACTORIES["cnn"], train, val, **{"teacher": teacher, "res_students": [FACTORIES["mlp"]],

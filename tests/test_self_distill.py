@@ -136,6 +136,19 @@ def test_msd_and_byot_check_their_inputs():
         DF.byot_loss([rand(0, 2, 3)], rand(1, 2, 3), torch.tensor([0, 1]), [rand(2, 2, 4)], rand(3, 2, 5), lam=0.1)
 
 
+def test_msd_feature_weight_decays_with_a_cosine():
+    m = MSD(feature="pool", lam=0.2)
+    # (1 + cos(pi e / 4)) / 2 for e = 0..3, worked out by hand: 1, 0.853553, 0.5, 0.146447
+    for epoch, factor in [(0, 1.0), (1, 0.8535534), (2, 0.5), (3, 0.1464466)]:
+        m.on_epoch_start(epoch, 4)
+        assert m.lam == pytest.approx(0.2 * factor, rel=1e-6)
+    fixed = MSD(feature="pool", lam=0.2, lam_decay="constant")
+    fixed.on_epoch_start(3, 4)
+    assert fixed.lam == 0.2
+    with pytest.raises(ValueError, match="lam_decay must be 'cosine' or 'constant', got 'linear'"):
+        MSD(lam_decay="linear")
+
+
 # ------------------------------------------------------------------------------------ Zipf's LS
 
 

@@ -211,10 +211,13 @@ def annealed_temperature(epoch: int, epochs: int, t_max: float, t_min: float = 1
 
     .. math:: T_e = T_{max} + (T_{min} - T_{max}) \frac{e}{E - 1}
 
-    Pro-KD softens the early, immature teachers' targets with a high temperature and brings it down
-    to ``t_min`` as the student reaches the final teacher (the temperature annealing of Jafari et al.,
-    "Annealing Knowledge Distillation", EACL 2021, arXiv 2104.07163, which Pro-KD builds on). One
-    epoch (``E = 1``) gives ``t_min``.
+    Pro-KD's student (:func:`~distill.strategies.chain.pro_kd`) softens the early, immature
+    teachers' targets with a high temperature and brings it down to ``t_min`` as it reaches the
+    final teacher; the linear fall and its end points are this library's choice (only the Pro-KD
+    abstract was readable). It is not the annealing of Jafari et al., "Annealing Knowledge
+    Distillation" (EACL 2021, arXiv 2104.07163), whose code fits the teacher's logits scaled by
+    ``T / T_max`` with a squared error while ``T`` rises from 1 to ``T_max``. One epoch (``E = 1``)
+    gives ``t_min``.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive int, got {epochs!r}")

@@ -280,14 +280,27 @@ class MSD(ExitsMethod):
     """Multi-self-distillation: the exits of :class:`BYOT`, every classifier taught by all others.
 
     The loss is :func:`distill.functional.msd_loss` (each classifier's (1 − α)·CE included; use it
-    without a separate ``"ce"`` loss). Arguments as :class:`BYOT`; the BYOT feature hint is off
-    by default (``lam = 0``), so ``feature`` is only needed to size the exits or turn it on.
+    without a separate ``"ce"`` loss). Arguments as :class:`BYOT`; the feature hint (each exit's
+    feature to the deepest one's) is off by default (``lam = 0``), so ``feature`` is only needed to
+    size the exits or turn it on. With ``lam_decay="cosine"`` (the default) its weight falls over
+    the run as ``λ_e = λ·(1 + cos(π e / E)) / 2``: a reading note of the paper describes this
+    cosine decay of the feature weight (the paper's text and its value of λ were not readable
+    here, so ``lam`` stays 0 unless set); ``"constant"`` keeps λ.
     """
 
     def __init__(self, exits: Sequence[str] = ("stage1", "stage2"), feature: str | None = None,
                  alpha: float = 0.3, lam: float = 0.0, T: float = 3.0, predict: str | None = None,
-                 weight: float = 1.0, warmup_epochs: int = 0) -> None:
+                 weight: float = 1.0, warmup_epochs: int = 0, lam_decay: str = "cosine") -> None:
         super().__init__(exits, feature, alpha, lam, T, predict, weight, warmup_epochs)
+        if lam_decay not in ("cosine", "constant"):
+            raise ValueError(f"lam_decay must be 'cosine' or 'constant', got {lam_decay!r}")
+        self.lam_decay = lam_decay
+        self.lam_max = self.lam
+
+    def on_epoch_start(self, epoch: int, total_epochs: int | None = None) -> None:
+        super().on_epoch_start(epoch, total_epochs)
+        if self.lam_decay == "cosine" and total_epochs:
+            self.lam = self.lam_max * (1.0 + math.cos(math.pi * epoch / total_epochs)) / 2.0
 
     def forward(self, student_view: View, teacher_view: View, batch: Batch) -> Tensor:
         features, logits = self.exit_outputs(student_view)

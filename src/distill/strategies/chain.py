@@ -11,7 +11,9 @@ Pro-KD, one ``fit`` whose teacher source walks through the teacher's saved check
 * :func:`pro_kd`: the student follows the teacher's training trajectory, checkpoint by checkpoint,
   with an annealed temperature (Rezagholizadeh et al., COLING 2022, arXiv 2110.08532);
 * :func:`reskd`: res-students that learn what the student (plus the res-students before them) still
-  misses of the teacher, added to its output (Li et al., IEEE TIP 2021, arXiv 2006.04719).
+  misses of the teacher, added to its output (Li et al., IEEE TIP 2021, arXiv 2006.04719), and
+  :class:`AdaptiveResidualStudent`, its sample-adaptive inference (res-students run only for the
+  samples whose running prediction is not yet confident).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from distill import functional as DF
-from distill.batch import Batch, View
+from distill.batch import Batch, View, as_batch
 from distill.distiller import Distiller
 from distill.methods.base import Method, Paper
 from distill.methods.logits import KD, CrossEntropy, LogitRegression
@@ -44,19 +46,24 @@ from distill.train.loop import FitResult, fit, seed_everything
 __all__ = [
     "CWTM",
     "DKPP",
+    "RESKD_CRITERIA",
+    "AdaptiveResidualStudent",
     "AnnealedKD",
     "BornAgainResult",
     "ChainResult",
     "CheckpointTeacher",
     "ModelSpec",
+    "ResKDResult",
     "ResidualStudent",
     "born_again",
     "build_model",
     "check_model_spec",
     "ensemble_accuracy",
+    "evaluate_adaptive",
     "load_weights",
     "pro_kd",
     "reskd",
+    "reskd_confident",
     "save_every_epoch",
     "takd",
 ]
@@ -112,7 +119,13 @@ class DKPP(Method):
 
 class AnnealedKD(KD):
     """Hinton KD whose temperature falls linearly from ``T_max`` (first epoch) to ``T_min`` (last epoch)
-    (:func:`~distill.functional.annealed_temperature`), the loss still scaled by ``T²`` of the epoch."""
+    (:func:`~distill.functional.annealed_temperature`), the loss still scaled by ``T²`` of the epoch.
+
+    This anneals the softmax temperature of a KL loss. It is not the loss of Annealing KD (Jafari
+    et al., EACL 2021, arXiv 2104.07163), whose authors' code (huawei-noah/Efficient-NLP,
+    ``Annealing_KD``) regresses the student's logits on the teacher's logits scaled by
+    ``T / T_max`` (MSE, ``T`` stepping up from 1 to ``T_max`` over the first phase), then trains
+    on the labels alone in a second phase."""
 
     name = "annealed_kd"
 
@@ -613,7 +626,7 @@ def pro_kd(
             (:func:`save_every_epoch`; needs ``run_dir``).
         epochs: the student's epochs.
         T_max, T_min, kd_weight: the temperature's start and end and λ (defaults: this library's KD
-            baseline, T = 4 annealed to 1 and λ = 0.9; see the note below).
+            baseline, T = 4 annealed to 1 and λ = 0.9; see Sources below).
         epochs_per_checkpoint: stage length; ``None`` splits the epochs evenly over the checkpoints.
         run_dir, seed, progress, **fit_kwargs: passed to :func:`distill.fit` (the student writes to
             ``run_dir/student``).
@@ -622,9 +635,15 @@ def pro_kd(
         a :class:`ChainResult`: the student's result, with ``stages`` / ``models`` holding the teacher's
         training (when done here) and the student's.
 
-    Note: the schedule follows the paper's description (one teacher checkpoint after another, the
-    temperature decreasing as the teacher matures); the numbers of its experiments (checkpoint
-    spacing, temperatures, λ) are not reproduced here and should be set per task.
+    Sources: only the paper's abstract could be read here (arXiv listing, paperswithcode,
+    deepai, emergentmind; no code is published): the student follows the teacher's training
+    footprints, checkpoint by checkpoint, instead of a single fully trained teacher, against the
+    capacity gap and the search for the best teacher checkpoint. What the abstract fixes, this
+    does: one teacher checkpoint after another, in training order. The loss (temperature KD with
+    a label term), the linear fall of the temperature, the even split of the epochs over the
+    checkpoints and every default (T 4 → 1, λ = 0.9) are this library's and not checked against
+    the paper; set them per task. The temperature annealing is not that of the same group's
+    Annealing KD (see :class:`AnnealedKD`).
     """
     epochs = _check_epochs(epochs)
     if not isinstance(teacher, nn.Module):
@@ -710,12 +729,169 @@ class ResidualStudent(nn.Module):
                     z = logits_of(part(x))
             else:
                 z = logits_of(part(x))
-            if total is not None and z.shape != total.shape:
-                raise ValueError(f"part {i} of the residual student gives logits {tuple(z.shape)}, the parts before "
-                                 f"it {tuple(total.shape)}: every res-student must output the teacher's classes")
+            if total is not None:
+                _check_part_logits(i, z, total.shape)
             total = z if total is None else total + z
         assert total is not None
         return total
+
+
+def _check_part_logits(i: int, z: Tensor, expected: torch.Size) -> None:
+    if z.shape != expected:
+        raise ValueError(f"part {i} of the residual student gives logits {tuple(z.shape)}, the parts before it "
+                         f"{tuple(expected)}: every res-student must output the teacher's classes")
+
+
+RESKD_CRITERIA = ("max_prob", "entropy")
+"""The confidence tests of :func:`reskd_confident`."""
+
+
+def _check_stop_rule(threshold: Any, criterion: Any) -> float:
+    if criterion not in RESKD_CRITERIA:
+        raise ValueError(f"criterion must be one of {RESKD_CRITERIA}, got {criterion!r}")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
+    return float(threshold)
+
+
+def reskd_confident(logits: Tensor, threshold: float = 0.9, criterion: str = "max_prob") -> Tensor:
+    r"""ResKD's stopping rule at inference: the samples whose running prediction is confident
+    enough to skip the remaining res-students.
+
+    With :math:`p = \operatorname{softmax}(z)` of the running sum :math:`z` (the student's logits
+    plus those of the res-students run so far) and the threshold :math:`\tau \in [0, 1]`:
+
+    * ``"max_prob"``: stop when :math:`\max_k p_k \ge \tau` (:math:`\tau = 0` stops every sample
+      after the student, :math:`\tau = 1` only a sample whose top probability is exactly 1);
+    * ``"entropy"``: stop when the entropy normalised to [0, 1] is small,
+      :math:`-\sum_k p_k \log p_k / \log K \le \tau`.
+
+    ``logits`` (B, K) with K >= 2 → bool (B,), True where the sample stops.
+
+    The paper (Li et al., IEEE TIP 2021, arXiv 2006.04719) decides per sample which res-students
+    are not needed; only its abstract (and a secondary summary saying the strategy adapts to the
+    samples' difficulty) could be read here, so these two confidence tests and the default
+    :math:`\tau = 0.9` on the top probability are this library's choice, not the paper's rule.
+    """
+    threshold = _check_stop_rule(threshold, criterion)
+    if logits.dim() != 2 or logits.shape[1] < 2:
+        raise ValueError(f"reskd_confident expects logits (B, K) with K >= 2 classes, got {tuple(logits.shape)}")
+    log_p = torch.log_softmax(logits.float(), dim=1)
+    if criterion == "max_prob":
+        return log_p.max(dim=1).values.exp() >= threshold
+    entropy = -(log_p.exp() * log_p).sum(dim=1)  # finite where a probability underflows to 0
+    return entropy / math.log(logits.shape[1]) <= threshold
+
+
+class AdaptiveResidualStudent(ResidualStudent):
+    """ResKD's sample-adaptive inference: the student, then each res-student only for the samples
+    that still need it.
+
+    Per sample, the running sum starts at the student's logits; before res-student ``k`` runs,
+    :func:`reskd_confident` tests the sum so far and a confident sample stops there: its logits
+    are the sum of the parts it ran. Res-student ``k`` runs on the sub-batch of samples still
+    going, so a skipped part costs those samples nothing. Every part is frozen (eval mode, no
+    gradients): BatchNorm uses its running statistics, so a sample's output does not depend on
+    which other samples share its sub-batch.
+
+    ``forward(x)`` → logits (B, K), and keeps in ``last_used`` (B,) int64 how many res-students
+    each sample ran (0 .. R); :meth:`predict` returns both; :meth:`full` runs every part (the
+    :class:`ResidualStudent` sum). Inputs must be one tensor (B, ...).
+
+    Args:
+        parts: the student then the res-students (or a :class:`ResidualStudent`, whose parts are
+            shared, not copied).
+        threshold, criterion: the stopping rule (:func:`reskd_confident`).
+    """
+
+    def __init__(self, parts: Sequence[nn.Module] | ResidualStudent, threshold: float = 0.9,
+                 criterion: str = "max_prob") -> None:
+        threshold = _check_stop_rule(threshold, criterion)
+        modules = list(parts.parts) if isinstance(parts, ResidualStudent) else list(parts)
+        super().__init__(modules, frozen=len(modules))
+        self.threshold, self.criterion = threshold, criterion
+        self.last_used: Tensor | None = None
+
+    def full(self, x: Tensor) -> Tensor:
+        """The logits with every part run (no sample stops early)."""
+        return super().forward(x)
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(logits (B, K), used (B,) int64)``: the adaptive logits and each sample's number of res-students."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"sample-adaptive inference splits the batch per sample: the input must be a tensor "
+                            f"(B, ...), got {type(x).__name__}")
+        self.train(False)  # the parts are frozen: eval mode is their only mode
+        total = logits_of(self.parts[0](x)).clone()
+        used = torch.zeros(total.shape[0], dtype=torch.long, device=total.device)
+        going = torch.arange(total.shape[0], device=total.device)
+        for k, part in enumerate(self.parts[1:], start=1):
+            going = going[~reskd_confident(total[going], self.threshold, self.criterion)]
+            if going.numel() == 0:
+                break
+            z = logits_of(part(x[going.to(x.device)])).to(total.device)
+            _check_part_logits(k, z, torch.Size((going.numel(), total.shape[1])))
+            total[going] += z
+            used[going] += 1
+        return total, used
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits, self.last_used = self.predict(x)
+        return logits
+
+    def extra_repr(self) -> str:
+        return f"threshold={self.threshold}, criterion={self.criterion!r}"
+
+
+@torch.no_grad()
+def evaluate_adaptive(model: AdaptiveResidualStudent, loader: Iterable[Any],
+                      device: torch.device | str | None = None) -> dict[str, Any]:
+    """The accuracy and the cost of ResKD's sample-adaptive inference on ``loader``.
+
+    Returns ``acc`` (top-1, %), ``avg_res_students`` (mean number of res-students run per sample),
+    ``part_usage`` (``part_usage[k-1]``: the fraction of samples that ran res-student ``k``) and
+    ``samples``. Batches are moved to ``device`` when given.
+    """
+    if not isinstance(model, AdaptiveResidualStudent):
+        raise TypeError(f"evaluate_adaptive needs an AdaptiveResidualStudent, got {type(model).__name__}")
+    n = correct = 0
+    runs = [0] * (len(model.parts) - 1)  # runs[k-1]: samples that ran res-student k
+    used_sum = 0
+    for raw in loader:
+        batch = as_batch(raw)
+        if device is not None:
+            batch = batch.to(device)
+        if batch.targets is None:
+            raise ValueError("evaluate_adaptive needs labelled batches to measure the accuracy")
+        logits, used = model.predict(batch.inputs)
+        n += int(used.shape[0])
+        correct += int((logits.argmax(1) == batch.targets.to(logits.device)).sum())
+        used_sum += int(used.sum())
+        for k in range(1, len(model.parts)):
+            runs[k - 1] += int((used >= k).sum())
+    if n == 0:
+        raise ValueError("evaluation loader yielded no samples")
+    return {"acc": 100.0 * correct / n, "avg_res_students": used_sum / n, "part_usage": [r / n for r in runs],
+            "samples": n}
+
+
+@dataclass
+class ResKDResult(ChainResult):
+    """:class:`ChainResult` of ResKD (the top-level fields and ``models[-1]``: the full sum of every
+    part) plus its sample-adaptive inference.
+
+    ``adaptive``: the delivered parts as an :class:`AdaptiveResidualStudent` (sharing them) with
+    the run's ``threshold`` and ``criterion``; ``adaptive_acc`` (top-1, %), ``avg_res_students``
+    (mean number of res-students run per sample) and ``part_usage`` (``part_usage[k-1]``: fraction
+    of samples that ran res-student ``k``) on the validation data (:func:`evaluate_adaptive`;
+    ``None`` / empty without a validation loader).
+    """
+
+    adaptive: AdaptiveResidualStudent | None = None
+    adaptive_acc: float | None = None
+    avg_res_students: float | None = None
+    part_usage: list[float] = field(default_factory=list)
 
 
 @register_strategy("reskd", "chain", RESKD_PAPER)
@@ -733,8 +909,10 @@ def reskd(
     T: float = 4.0,
     kd_weight: float = 0.9,
     ce_weight: float = 0.0,
+    threshold: float = 0.9,
+    criterion: str = "max_prob",
     **fit_kwargs: Any,
-) -> ChainResult:
+) -> ResKDResult:
     """ResKD: a student distilled from the teacher, then res-students that learn the residual.
 
     Stage 0 trains ``student`` with ``(1 - λ) CE + λ KD(T)`` from the teacher. Stage ``k`` trains
@@ -752,17 +930,28 @@ def reskd(
         epochs: epochs per stage.
         T, kd_weight: stage 0's KD temperature and λ (this library's KD baseline: T = 4, λ = 0.9).
         ce_weight: weight of the label term of the res-students' stages.
+        threshold, criterion: the stopping rule of the sample-adaptive inference
+            (:func:`reskd_confident`; this library's default: stop once the running prediction's top
+            probability reaches 0.9).
         run_dir: stage ``k`` writes to ``run_dir/stage<k>``; seed: stage ``k`` trains with ``seed + k``.
         **fit_kwargs: passed to every :func:`distill.fit`.
 
     Returns:
-        a :class:`ChainResult` whose ``models[k]`` is the :class:`ResidualStudent` after stage ``k``
-        (they share their parts; ``models[-1]`` is the delivered model, all parts frozen).
+        a :class:`ResKDResult`: ``models[k]`` is the :class:`ResidualStudent` after stage ``k``
+        (they share their parts; ``models[-1]`` is the delivered model, all parts frozen, every
+        part run), ``adaptive`` the same parts with the sample-adaptive inference
+        (:class:`AdaptiveResidualStudent`), and its accuracy and mean number of res-students on
+        the validation data.
 
-    Scope: this is the residual mechanism of the paper's abstract and method at the level of the
-    outputs (logits), which needs no change to any architecture. The paper's sample-adaptive
-    inference (skipping res-students a sample does not need) is not implemented: the delivered
-    model always runs every part.
+    Sources: only the paper's abstract could be read here (arXiv listing and mirrors; no code is
+    published), plus a secondary summary (a Chinese KD-survey table on GitHub) that says the
+    res-students are found by architecture search, an "energy entropy" criterion sets when to stop,
+    and inference adapts to each sample's difficulty. What is implemented: the residual mechanism
+    of the abstract at the level of the outputs (logits), which needs no change to any
+    architecture, with res-students the user chooses (no search; the number of stages is the
+    length of ``res_students``); and sample-adaptive inference, whose per-sample rule (a
+    confidence test of the running sum) and threshold are this library's, not checked against the
+    paper.
     """
     epochs = _check_epochs(epochs)
     _check_trained_teacher(teacher)
@@ -771,6 +960,7 @@ def reskd(
     T = _check_positive("T", T)
     kd_weight = _check_positive("kd_weight", kd_weight, 0.0, 1.0)
     ce_weight = _check_weight("ce_weight", ce_weight)
+    threshold = _check_stop_rule(threshold, criterion)
     _check_no_own_keys(fit_kwargs, "reskd")
     root = Path(run_dir) if run_dir is not None else None
     parts = [build_model(student, "student")]
@@ -792,4 +982,10 @@ def reskd(
         models.append(model)
     final = ResidualStudent(parts, frozen=len(parts))
     models[-1] = final
-    return _with_stages(stages[-1], stages, models)
+    adaptive = AdaptiveResidualStudent(final, threshold, criterion)
+    stats: dict[str, Any] = {}
+    if val_loader is not None:
+        params = next(iter(final.parameters()), None)
+        stats = evaluate_adaptive(adaptive, val_loader, params.device if params is not None else None)
+    return _with_stages(stages[-1], stages, models, ResKDResult, adaptive=adaptive, adaptive_acc=stats.get("acc"),
+                        avg_res_students=stats.get("avg_res_students"), part_usage=stats.get("part_usage", []))
