@@ -178,16 +178,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(scenario: str, out: Path, nproc: int = 2) -> None:
-    """Run ``scenario`` in ``nproc`` processes with torchrun (gloo, one thread each)."""
+def _launch(scenario: str, out: Path, nproc: int = 2, script: str = __file__, timeout: float = LAUNCH_TIMEOUT_S) -> None:
+    """Run ``scenario`` in ``nproc`` processes with torchrun (gloo, one thread each): ``script``'s
+    ``__main__`` block with arguments ``scenario`` and ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     data = out / "digits.pt"
     torch.save(_digits(256, 128), data)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", __file__, scenario, str(out)]
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", script, scenario, str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", DATA_ENV: str(data)}
     env.pop("CUDA_VISIBLE_DEVICES", None)
-    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
 
 

@@ -7,14 +7,17 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from distill.cli import main
-from distill.recipes import RecipeError, parse_recipe
-from distill.runner import run_recipe
+from distill.recipes import DENSE_TARGET_STRATEGIES, RecipeError, parse_recipe
+from distill.runner import build_data, run_recipe
 from distill.strategies.registry import list_strategies
+from distill.taps import TapError
 
 TEACHER = {"model": {"name": "cnn_digits_teacher"}, "train": {"epochs": 1, "lr": 0.05}}
 # what each strategy needs beyond the student, the data and the protocol
+# (``data`` / ``train``: entries added to the default recipe's)
 NEEDS: dict[str, dict] = {
     "born_again": {"args": {"generations": 2}},
     "pro_kd": {"teacher": True, "args": {"teacher_epochs": 1}},
@@ -29,11 +32,14 @@ NEEDS: dict[str, dict] = {
     "okddip": {"args": {"num_models": 3}},
     "hsakd": {"teacher": True, "args": {"teacher_epochs": 1}},
     "knowledge_flow": {"teacher": True},
+    # the student is the light net, cut after stage1; the booster's stage1 has 16 channels: an adapter
+    "rocket_launching": {"args": {"booster": {"name": "cnn", "widths": [16, 16, 16]}, "shared": "stage1"}},
+    # trunk stem + stage1; branches stage2 + stage3, then a transposed conv up to the 10 maps at 8x8
+    "okdhp": {"args": {"split": "stage1", "until": "stage3", "num_branches": 2}, "data": {"targets": "class_heatmaps"},
+              "train": {"optimizer": "adam", "lr": 0.01}},
 }
 # strategies not run by this single-process test, each for a stated reason
 PYTHON_ONLY = {
-    "rocket_launching": "its student is a RocketNet (a shared trunk with a light and a booster head)",
-    "okdhp": "a dense-output (heatmap) method: its student is a MultiBranchNet",
     "codistillation": "one model per process: it needs torchrun with 2+ processes (tests/test_distributed.py)",
 }
 
@@ -43,8 +49,9 @@ def _recipe(name: str) -> dict:
     strategy = {"name": name, "args": need.get("args", {})}
     if "labeled" in need:
         strategy["labeled"] = need["labeled"]
-    recipe = {"name": f"s_{name}", "data": {"name": "digits", "batch_size": 32, "train_subset": 96},
-              "student": {"name": "cnn_digits_student"}, "train": {"epochs": 1, "lr": 0.05}, "strategy": strategy}
+    recipe = {"name": f"s_{name}", "data": {"name": "digits", "batch_size": 32, "train_subset": 96, **need.get("data", {})},
+              "student": {"name": "cnn_digits_student"},
+              "train": {"epochs": 1, "lr": 0.05, **need.get("train", {})}, "strategy": strategy}
     if need.get("teacher"):
         recipe["teacher"] = TEACHER
     return recipe
@@ -63,7 +70,11 @@ def test_every_strategy_runs_from_a_recipe(name: str, tmp_path: Path) -> None:
     dirs = run_recipe(parse_recipe(_recipe(name)), out_dir=tmp_path, progress=False)
     summary = json.loads((dirs[0] / "summary.json").read_text())
     assert summary["strategy"] == name and summary["kind"] == "distill"
-    assert 0.0 <= summary["last_acc"] <= 100.0
+    if name in DENSE_TARGET_STRATEGIES:  # scored by the validation heatmap MSE: no accuracy
+        assert summary["last_acc"] is None and 0.0 < summary["last_score"] < 1.0
+        assert summary["data"]["targets"] == "class_heatmaps"
+    else:
+        assert 0.0 <= summary["last_acc"] <= 100.0
     assert (tmp_path / f"s_{name}" / "report.md").is_file()
 
 
@@ -83,6 +94,48 @@ def test_bad_strategy_sections_are_clear_errors(edit, match: str) -> None:
         parse_recipe(recipe)
 
 
+@pytest.mark.parametrize("name, edit, match", [
+    ("okdhp", lambda r: r["data"].update(augment={"crop_padding": 1}), r"computed once from the un-augmented images"),
+    ("dml", lambda r: r["data"].update(targets="class_heatmaps"), r"only a dense-output strategy \(okdhp\)"),
+    ("okdhp", lambda r: r["data"].pop("targets"), r"'okdhp' trains on dense target maps: set data.targets"),
+    ("okdhp", lambda r: r["data"].update(targets="heatmaps"), r"data.targets: Input should be 'labels' or"),
+    ("okdhp", lambda r: r["data"].update(heatmap_sigma=0), r"data.heatmap_sigma: Input should be greater than 0"),
+])
+def test_dense_targets_are_validated(name: str, edit, match: str) -> None:
+    recipe = _recipe(name)
+    edit(recipe)
+    with pytest.raises(RecipeError, match=match):
+        parse_recipe(recipe)
+
+
+def test_class_heatmap_data_carries_maps_in_the_label_channel() -> None:
+    recipe = parse_recipe({**_recipe("okdhp"), "data": {"name": "digits", "train_subset": 64, "batch_size": 32,
+                                                        "targets": "class_heatmaps", "heatmap_sigma": 0.8}})
+    train, val, info = build_data(recipe.data)
+    labels, _, _ = build_data(recipe.data.model_copy(update={"targets": "labels"}))
+    assert info["targets"] == "class_heatmaps" and info["num_classes"] == 10
+    assert train.targets.shape == (64, 10, 8, 8) and val.targets.shape == (len(val.inputs), 10, 8, 8)
+    torch.testing.assert_close(train.inputs, labels.inputs)  # same images, maps instead of labels
+    assert torch.equal(train.targets.flatten(2).amax(dim=2).argmax(dim=1), labels.targets)
+    assert float(train.targets.max()) <= 1.0
+
+
+@pytest.mark.parametrize("name, args, error, match", [
+    ("rocket_launching", {"shared": "stage9"}, TapError, r"shared='stage9'.*Nearest valid paths"),
+    ("rocket_launching", {"booster": None}, TypeError, r"needs a RocketNet.*booster=<model spec>"),
+    ("okdhp", {"until": None}, ValueError, r"branch output \(32, 10\) is not a feature map"),
+    ("okdhp", {"split": "stage2", "until": "stage1"}, ValueError, r"until='stage1' must come after split='stage2'"),
+])
+def test_bad_composite_arguments_fail_before_training(name: str, args: dict, error: type, match: str,
+                                                      tmp_path: Path) -> None:
+    recipe = _recipe(name)
+    recipe["strategy"]["args"].update(args)
+    recipe["strategy"]["args"] = {k: v for k, v in recipe["strategy"]["args"].items() if v is not None}
+    with pytest.raises(error, match=match):
+        run_recipe(parse_recipe(recipe), out_dir=tmp_path, progress=False)
+    assert not list(tmp_path.rglob("metrics.jsonl"))
+
+
 def test_labeled_must_leave_some_unlabeled_data(tmp_path: Path) -> None:
     recipe = _recipe("mean_teacher")
     recipe["strategy"]["labeled"] = 96  # the whole subset: nothing left unlabeled
@@ -99,22 +152,3 @@ def test_cli_lists_strategies(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["strategies", "--family", "chain"]) == 0
     out = capsys.readouterr().out
     assert "takd" in out and "dml" not in out
-
-
-def test_single_process_strategies_refuse_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
-    import torch
-
-    from distill.strategies.online import fit_dml
-    from distill.strategies.registry import refuse_multi_process
-
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "0")
-    with pytest.raises(RuntimeError, match="cannot run under torchrun"):
-        refuse_multi_process("x")
-    x, y = torch.randn(8, 1, 8, 8), torch.arange(8) % 10
-    from distill.data.loader import InMemoryLoader
-    from distill.models import create
-
-    with pytest.raises(RuntimeError, match="cannot run under torchrun"):
-        fit_dml(lambda: create("cnn_digits_student"), InMemoryLoader(x, y, 4), None, epochs=1, num_models=2,
-                progress=False)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -44,6 +44,21 @@ class Batch:
 
     def __len__(self) -> int:
         return int(self.inputs.shape[0])
+
+    def part(self, rank: int, world_size: int) -> Batch:
+        """Rank ``rank``'s part of this batch: the ``rank``-th of ``world_size`` contiguous, balanced
+        slices of every per-sample field (``torch.tensor_split``, as
+        :class:`~distill.data.loader.InMemoryLoader` splits a global batch), for loaders that build a
+        global batch and hand each rank of a multi-process run its part. A subclass's extra
+        per-sample tensors (first dimension B) are sliced too; anything else is kept as it is.
+        """
+        n = len(self)
+        if n < world_size:
+            raise ValueError(f"a batch of {n} samples cannot be split over {world_size} processes: every rank "
+                             "needs at least one sample (use a larger batch)")
+        changes = {f.name: torch.tensor_split(v, world_size)[rank] for f in fields(self)
+                   if isinstance(v := getattr(self, f.name), Tensor) and v.dim() >= 1 and v.shape[0] == n}
+        return replace(self, **changes)
 
 
 def as_batch(obj: Any) -> Batch:

@@ -61,6 +61,18 @@ class DataSpec(_Strict):
     augment: AugmentSpec = Field(default_factory=AugmentSpec)
     train_subset: int | None = Field(None, gt=0, description="use only the first N training samples")
     val_split: str = "test"
+    # what batches carry as targets: class labels, or the pose-style maps of distill.data.dense.class_heatmaps
+    targets: Literal["labels", "class_heatmaps"] = "labels"
+    heatmap_sigma: float = Field(1.0, gt=0, description="σ (pixels) of the class_heatmaps Gaussians (else unused)")
+
+    @model_validator(mode="after")
+    def _dense_targets(self) -> DataSpec:
+        if self.targets == "class_heatmaps":
+            a = self.augment
+            if a.crop_padding or a.flip or a.mixup_alpha is not None:
+                raise ValueError("targets 'class_heatmaps' are computed once from the un-augmented images: remove "
+                                 "'augment' (a crop, flip or mixup would move the digit away from its target map)")
+        return self
 
 
 class TrainSpec(_Strict):
@@ -169,6 +181,8 @@ class StrategySpec(_Strict):
 # the arguments a recipe fills in for every strategy; ``args`` may not set them
 STRATEGY_RESERVED = ("student", "train_loader", "val_loader", "teacher", "epochs", "run_dir", "seed", "progress",
                      "unlabeled", "unlabeled_loader", "resume")
+# strategies that train on dense target maps (data.targets other than labels), and only those
+DENSE_TARGET_STRATEGIES = ("okdhp",)
 
 
 def validate_strategy_args(spec: StrategySpec) -> None:
@@ -221,6 +235,12 @@ class Recipe(_Strict):
             if "losses" in self.model_fields_set:
                 raise ValueError(f"strategy {self.strategy.name!r} chooses its own losses: remove 'losses' (its "
                                  "hyper-parameters go in strategy.args)")
+        strategy = self.strategy.name if self.strategy is not None else None
+        if self.data.targets != "labels" and strategy not in DENSE_TARGET_STRATEGIES:
+            raise ValueError(f"data.targets {self.data.targets!r} gives dense target maps, which only a dense-output "
+                             f"strategy ({', '.join(DENSE_TARGET_STRATEGIES)}) trains on: remove it")
+        if strategy in DENSE_TARGET_STRATEGIES and self.data.targets == "labels":
+            raise ValueError(f"strategy {strategy!r} trains on dense target maps: set data.targets: class_heatmaps")
         if self.hint_stage is not None and self.hint_stage.method not in self.losses:
             offered = _offered_stages(self.losses)
             if self.hint_stage.method not in offered:

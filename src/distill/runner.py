@@ -35,6 +35,12 @@ def build_data(spec: DataSpec, seed: int = 0) -> tuple[Any, Any, dict[str, Any]]
     x, y = train.inputs, train.targets
     if spec.train_subset is not None:
         x, y = x[: spec.train_subset], y[: spec.train_subset]
+    val_y = val.targets
+    if spec.targets == "class_heatmaps":  # a pose-style dense task on the same images (maps (N, K, H, W))
+        from distill.data.dense import class_heatmaps
+
+        y = class_heatmaps(train.denormalize(x), y, train.num_classes, sigma=spec.heatmap_sigma)
+        val_y = class_heatmaps(val.denormalize(val.inputs), val_y, val.num_classes, sigma=spec.heatmap_sigma)
     augs: list[Any] = []
     if spec.augment.crop_padding:
         augs.append(RandomCropPad(spec.augment.crop_padding))
@@ -47,9 +53,11 @@ def build_data(spec: DataSpec, seed: int = 0) -> tuple[Any, Any, dict[str, Any]]
     # sample indices ride along (one gather): methods with per-sample state (CRD) read them
     train_loader = InMemoryLoader(x, y, spec.batch_size, shuffle=True, seed=seed,
                                   augment=Compose(augs) if augs else None, return_index=True)
-    val_loader = InMemoryLoader(val.inputs, val.targets, spec.eval_batch_size, shuffle=False)
+    val_loader = InMemoryLoader(val.inputs, val_y, spec.eval_batch_size, shuffle=False)
     info = {"dataset": spec.name, "num_classes": train.num_classes, "in_channels": int(x.shape[1]),
             "train_size": int(x.shape[0]), "val_size": len(val), "val_split": spec.val_split}
+    if spec.targets != "labels":
+        info["targets"] = spec.targets
     return train_loader, val_loader, info
 
 
@@ -328,6 +336,8 @@ def _run_strategy(recipe: Recipe, seed: int, run_dir: Path, info: dict[str, Any]
         "best_acc": result.best_acc, "best_epoch": result.best_epoch, "time_s": time.perf_counter() - t0,
         "teacher_acc": last.get("val_teacher_acc"), "agreement": last.get("val_agreement"),
         "data": info, "notes": [],
+        # a cohort's validation score (its accuracy, or the heatmap MSE of a dense strategy, which has no accuracy)
+        **{k: getattr(result, k) for k in ("best_score", "last_score") if getattr(result, k, None) is not None},
     }
     if is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)

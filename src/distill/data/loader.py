@@ -19,7 +19,8 @@ from distill.data.augment import (
     split_mixup,
 )
 
-__all__ = ["InMemoryLoader", "IndexedTensorDataset", "in_memory_tensors", "mix_seed"]
+__all__ = ["GlobalBatchShards", "InMemoryLoader", "IndexedTensorDataset", "check_shard", "in_memory_tensors", "mix_seed",
+           "shard_wrapped"]
 
 SHARD_SPLITS = ("batch", "samples")
 
@@ -35,6 +36,48 @@ def _check_pair(inputs: Tensor, targets: Tensor | None, who: str) -> None:
             raise ValueError(
                 f"{who}: inputs have {inputs.shape[0]} samples but targets have {targets.shape[0]}"
             )
+
+
+def check_shard(rank: Any, world_size: Any, split: Any, who: str, splits: tuple[str, ...] = SHARD_SPLITS) -> None:
+    """The clear error for a bad ``set_shard(rank, world_size, split)`` call."""
+    for name, value in (("rank", rank), ("world_size", world_size)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{who}: {name} must be an int; got {value!r}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"{who}: need 0 <= rank < world_size; got rank={rank}, world_size={world_size}")
+    if split not in splits:
+        raise ValueError(f"{who}: split must be one of {splits}; got {split!r}")
+
+
+def shard_wrapped(loader: Any, rank: int, world_size: int, split: str, who: str) -> None:
+    """``set_shard`` of a loader built on another one (``loader``): the wrapped loader is sharded, so
+    the wrapper's batches are made of this rank's samples."""
+    if loader is None:
+        return
+    if not hasattr(loader, "set_shard"):
+        raise ValueError(f"{who} cannot be sharded for multi-process training: the loader it wraps "
+                         f"({type(loader).__name__}) has no set_shard(rank, world_size, split) (an InMemoryLoader has)")
+    loader.set_shard(rank, world_size, split)
+
+
+class GlobalBatchShards:
+    """Sharding for loaders that build each global batch themselves (from several sources, with
+    per-batch random draws): every rank builds the same global batch (the draws are seeded by epoch
+    and batch number) and yields its part of it (:meth:`~distill.batch.Batch.part`), so the ranks'
+    batches of one step make up the single-process batch, as with an :class:`InMemoryLoader`'s
+    ``split="batch"``. Subclasses call :meth:`_shard` on each batch they yield."""
+
+    rank = 0
+    world_size = 1
+    split = "batch"
+
+    def set_shard(self, rank: int, world_size: int, split: str = "batch") -> None:
+        """Yield only rank ``rank``'s part of each global batch (``set_shard(0, 1)`` undoes it)."""
+        check_shard(rank, world_size, split, f"{type(self).__name__}.set_shard", splits=("batch",))
+        self.rank, self.world_size = rank, world_size
+
+    def _shard(self, batch: Batch) -> Batch:
+        return batch if self.world_size == 1 else batch.part(self.rank, self.world_size)
 
 
 class IndexedTensorDataset(Dataset):
@@ -166,14 +209,7 @@ class InMemoryLoader:
         ``set_shard(0, 1)`` undoes it. With ``split="batch"`` a final global batch with fewer samples
         than ``world_size`` is dropped (it would leave a rank with an empty batch).
         """
-        for name, value in (("rank", rank), ("world_size", world_size)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"InMemoryLoader.set_shard: {name} must be an int; got {value!r}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"InMemoryLoader.set_shard: need 0 <= rank < world_size; got rank={rank}, "
-                             f"world_size={world_size}")
-        if split not in SHARD_SPLITS:
-            raise ValueError(f"InMemoryLoader.set_shard: split must be one of {SHARD_SPLITS}; got {split!r}")
+        check_shard(rank, world_size, split, "InMemoryLoader.set_shard")
         self.rank, self.world_size, self.split = rank, world_size, split
 
     def set_epoch(self, epoch: int) -> None:

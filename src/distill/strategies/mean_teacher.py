@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from distill import functional as DF
 from distill.batch import Batch, View, as_batch
 from distill.data.augment import mix_seed
+from distill.data.loader import GlobalBatchShards
 from distill.distiller import Distiller
 from distill.methods.base import Method, Paper
 from distill.strategies.chain import ModelSpec, build_model, check_model_spec
@@ -280,7 +281,7 @@ class TwoViewBatch(Batch):
         return replace(moved, teacher_inputs=None if t is None else t.to(device, non_blocking=non_blocking))
 
 
-class MeanTeacherLoader:
+class MeanTeacherLoader(GlobalBatchShards):
     """Mixed labeled + unlabeled batches, with independent perturbations for the student and the teacher.
 
     Without ``unlabeled``, an epoch is one pass over ``labeled`` (whose batches may already mark
@@ -297,6 +298,10 @@ class MeanTeacherLoader:
 
     ``targets`` (read by ``distill.fit`` to check the labels once) holds the labeled loader's known
     labels; batches carry no sample index (per-sample state would mix the two data sets' indices).
+
+    Under torchrun (``set_shard``, called by ``fit``) every rank builds the same joined batch and
+    yields its part of it (:class:`~distill.data.loader.GlobalBatchShards`): the ranks' batches of a
+    step make up the single-process batch, views included.
     """
 
     def __init__(
@@ -382,7 +387,7 @@ class MeanTeacherLoader:
                 self.labeled.set_epoch(self.epoch)
             for k, raw in enumerate(self.labeled):
                 b = as_batch(raw)
-                yield self._views(b.inputs, b.targets, k)
+                yield self._shard(self._views(b.inputs, b.targets, k))
             return
         if hasattr(self.unlabeled, "set_epoch"):
             self.unlabeled.set_epoch(self.epoch)
@@ -393,7 +398,7 @@ class MeanTeacherLoader:
             y_lab = lab.targets if lab.targets is not None else \
                 torch.full((lab.inputs.shape[0],), -1, dtype=torch.long, device=x.device)
             y = torch.cat([y_lab.long(), torch.full((u.inputs.shape[0],), -1, dtype=torch.long, device=x.device)])
-            yield self._views(x, y, k)
+            yield self._shard(self._views(x, y, k))
 
     def __repr__(self) -> str:
         return (f"MeanTeacherLoader(batches={len(self)}, unlabeled={self.unlabeled is not None}, "

@@ -65,7 +65,8 @@ class MixupLoader(_Wrapper):
 
     One coefficient per batch, ``λ ~ Beta(alpha, alpha)``, and one random pairing ``perm``, both from
     torch's global generator (seeded by ``fit``), as the reference code draws them per batch.
-    ``alpha = 0.4`` is the reference code's ``--mixup-alpha``.
+    ``alpha = 0.4`` is the reference code's ``--mixup-alpha``. Under torchrun each rank mixes within
+    its own part of the batch, with its own λ (a multi-process run is not the single-process one).
     """
 
     def __init__(self, loader: Iterable[Any], alpha: float = 0.4) -> None:

@@ -38,8 +38,11 @@ from distill.distiller import Distiller
 from distill.functional.online import AGGREGATIONS, DENSE_KD_LOSSES
 from distill.methods.base import Paper
 from distill.methods.online import RocketBoosterCE, RocketHint
-from distill.strategies.registry import refuse_multi_process, register_strategy
+from distill.strategies.chain import ModelSpec
+from distill.strategies.composite import okdhp_student, rocket_student
+from distill.strategies.registry import register_strategy
 from distill.taps import Taps, logits_of
+from distill.train import distributed as D
 from distill.train.checkpoint import save_checkpoint
 from distill.train.evaluate import evaluate
 from distill.train.loop import (
@@ -213,36 +216,54 @@ class _Member:
 
 
 class _Updater:
-    """Optimizer steps for one cohort: ``update(i, loss)`` steps optimizer i on ``loss``."""
+    """Optimizer steps for one cohort: ``update(i, loss)`` steps optimizer i on ``loss``.
+
+    Under torchrun each rank holds its part of the global batch: ``scale`` (``W · n_r / n``, set by
+    the loop each step) turns this rank's mean loss into its share of the global batch's mean, and
+    the gradients are averaged over the ranks before the step (:func:`~distill.train.distributed.average_gradients`,
+    which also stops every rank when any rank's loss is non-finite).
+    """
 
     def __init__(self, optimizers: list[torch.optim.Optimizer], params: list[list[nn.Parameter]],
-                 grad_clip: float | None) -> None:
+                 grad_clip: float | None, distributed: bool = False) -> None:
         self.optimizers, self.params, self.grad_clip = optimizers, params, grad_clip
+        self.distributed = distributed
+        self.scale = 1.0
         self.where = ""
 
-    def _check(self, loss: Tensor, name: str) -> None:
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"loss {name!r} became non-finite ({float(loss)}) at {self.where}; "
-                                     "the step was not applied")
+    def _error(self, loss: Tensor, name: str) -> NonFiniteLossError:
+        value = float(loss) if not torch.isfinite(loss) else "finite here, non-finite on another rank"
+        return NonFiniteLossError(f"loss {name!r} became non-finite ({value}) at {self.where}; "
+                                  "the step was not applied")
+
+    def _backward(self, loss: Tensor, name: str, groups: list[list[nn.Parameter]]) -> None:
+        if not self.distributed:
+            if not torch.isfinite(loss):
+                raise self._error(loss, name)
+            loss.backward()
+            return
+        (loss * self.scale if self.scale != 1.0 else loss).backward()
+        if D.average_gradients([p for g in groups for p in g], ~torch.isfinite(loss.detach())):
+            raise self._error(loss, name)
+
+    def _clip(self, params: list[nn.Parameter]) -> None:
+        if self.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
 
     def update(self, i: int, loss: Tensor, name: str) -> None:
-        self._check(loss, name)
         opt = self.optimizers[i]
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.params[i], self.grad_clip)
+        self._backward(loss, name, [self.params[i]])
+        self._clip(self.params[i])
         opt.step()
 
     def update_all(self, loss: Tensor, name: str) -> None:
         """One backward of ``loss`` and a step of every optimizer (their parameters are disjoint)."""
-        self._check(loss, name)
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
-        loss.backward()
+        self._backward(loss, name, self.params)
         for opt, params in zip(self.optimizers, self.params):
-            if self.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+            self._clip(params)
             opt.step()
 
 
@@ -273,32 +294,54 @@ def _run_cohort(
     level describes ``delivered``. Writes ``metrics.jsonl``, ``checkpoints/last.pt`` (every module,
     optimizer and schedule) and ``checkpoints/best.pt`` (the weights of ``best_module``, by default
     the delivered member's module, at the delivered member's best epoch).
+
+    Under torchrun (as :func:`distill.fit`): every rank starts from rank 0's weights, trains on its
+    part of each global batch (:func:`~distill.train.distributed.shard_loader`) with gradients
+    averaged over the ranks, so the ranks' models stay equal; rank 0 evaluates, writes the files and
+    shows progress, and its BatchNorm statistics are given to every rank at the end of each epoch
+    (DDP gives rank 0's buffers to every rank before each forward: the same end state).
     """
-    refuse_multi_process("this cohort strategy")
     best_module = best_module if best_module is not None else modules[delivered]
     device = torch.device(cfg["device"]) if cfg["device"] is not None else \
         next(iter(_unique_params(modules.values())), torch.empty(0)).device
+    info = D.dist_info()
+    if info.enabled:
+        device = D.resolve_device(device, info)
+        info = D.init_distributed(device)
     for module in modules.values():
         module.to(device)
+    D.broadcast_state(modules.values())
+    with D.shard_loader(train_loader, info):
+        return _cohort_epochs(modules, groups, train_loader, epochs=epochs, step=step, evaluate_fn=evaluate_fn,
+                              delivered=delivered, maximize=maximize, cfg=cfg, run_dir=run_dir, progress=progress,
+                              members=members, best_module=best_module, device=device, info=info)
+
+
+def _cohort_epochs(
+    modules: dict[str, nn.Module], groups: list[list[nn.Parameter]], train_loader: Iterable[Any], *, epochs: int,
+    step: StepFn, evaluate_fn: EvalFn | None, delivered: str, maximize: bool, cfg: dict[str, Any],
+    run_dir: str | Path | None, progress: bool, members: Sequence[str], best_module: nn.Module,
+    device: torch.device, info: D.DistInfo,
+) -> CohortFitResult:
     steps_per_epoch = len(train_loader) if hasattr(train_loader, "__len__") else 1  # type: ignore[arg-type]
     optimizers = [make_optimizer(g, cfg["optimizer"], lr=cfg["lr"], momentum=cfg["momentum"],
                                  weight_decay=cfg["weight_decay"], nesterov=cfg["nesterov"]) for g in groups]
     schedules = [Schedule(o, cfg["schedule"], epochs=epochs, steps_per_epoch=steps_per_epoch,
                           milestones=cfg["milestones"], gamma=cfg["gamma"]) for o in optimizers]
-    updater = _Updater(optimizers, groups, cfg["grad_clip"])
+    updater = _Updater(optimizers, groups, cfg["grad_clip"], distributed=info.enabled)
+    write = info.is_main and run_dir is not None
     run_path = Path(run_dir) if run_dir is not None else None
     ckpt_dir = run_path / "checkpoints" if run_path is not None else None
-    if run_path is not None:
-        run_path.mkdir(parents=True, exist_ok=True)
-        (run_path / "metrics.jsonl").write_text("")
+    if write:
+        run_path.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
+        (run_path / "metrics.jsonl").write_text("")  # type: ignore[operator]
     tracked = {name: _Member() for name in members}
     result = CohortFitResult(run_dir=run_path, delivered=delivered, models=dict(modules))
-    bar = _Progress(progress, epochs, steps_per_epoch)
+    bar = _Progress(progress and info.is_main, epochs, steps_per_epoch)
     try:
         for epoch in range(epochs):
             t0 = time.perf_counter()
-            if hasattr(train_loader, "set_epoch"):
-                train_loader.set_epoch(epoch)
+            D.set_loader_epoch(train_loader, epoch)
             for module in modules.values():
                 module.train()
             bar.start_epoch(epoch)
@@ -306,23 +349,34 @@ def _run_cohort(
             for i, raw in enumerate(train_loader):
                 batch = as_batch(raw).to(device, non_blocking=True)
                 updater.where = f"epoch {epoch} step {i}"
+                share = 1.0  # this rank's part of the step's global batch
+                if info.enabled:
+                    n_global, _ = D.step_sizes(len(batch), torch.zeros((), dtype=torch.bool), device)
+                    share = len(batch) / n_global
+                    updater.scale = share * info.world_size
                 total, parts = step(batch, epoch, updater)
                 for s in schedules:
                     s.step_batch()
-                total_sum += total.detach()
+                total_sum += total.detach() * share
                 for k, v in parts.items():
-                    sums[k] = sums[k] + v.detach() if k in sums else v.detach().clone()
+                    sums[k] = sums[k] + v.detach() * share if k in sums else v.detach() * share
                 n_steps += 1
                 bar.advance(float(total) if bar.wants_loss(i) else None)
             if n_steps == 0:
                 raise ValueError("the training loader yielded no batch")
+            if info.enabled:  # every rank's share of each step: the global batch's losses
+                keys = list(sums)
+                summed = D.all_reduce_sum(torch.stack([total_sum, *(sums[k] for k in keys)]))
+                total_sum, sums = summed[0], dict(zip(keys, summed[1:]))
+                D.broadcast_state(modules.values(), buffers_only=True)
             row: dict[str, Any] = {"epoch": epoch, "lr": optimizers[0].param_groups[0]["lr"],
                                    "train_loss": float(total_sum) / n_steps,
                                    **{f"train_{k}": float(v) / n_steps for k, v in sums.items()}}
             for s in schedules:
                 s.step_epoch()
             if evaluate_fn is not None:
-                scores, metrics = evaluate_fn(device)
+                scores, metrics = evaluate_fn(device) if info.is_main else ({}, {})
+                scores, metrics = D.broadcast_object((scores, metrics))
                 row.update({f"val_{k}": v for k, v in metrics.items()})
                 for name, score in scores.items():
                     member = tracked[name]
@@ -330,8 +384,8 @@ def _run_cohort(
                     improved = member.best is None or (score > member.best if maximize else score < member.best)
                     if improved:
                         member.best, member.result.best_epoch = score, epoch
-                        if name == delivered and ckpt_dir is not None:
-                            save_checkpoint(ckpt_dir / "best.pt", {"student": best_module.state_dict(),
+                        if name == delivered and write:
+                            save_checkpoint(ckpt_dir / "best.pt", {"student": best_module.state_dict(),  # type: ignore[operator]
                                                                   "epoch": epoch, "score": score})
                     member.result.history.append({"epoch": epoch, "val_score": score})
                 if maximize:
@@ -340,20 +394,22 @@ def _run_cohort(
             row["time_s"] = time.perf_counter() - t0
             result.history.append(row)
             bar.end_epoch(row)
-            if run_path is not None:
-                with open(run_path / "metrics.jsonl", "a") as f:
+            if write:
+                with open(run_path / "metrics.jsonl", "a") as f:  # type: ignore[operator]
                     f.write(json.dumps(row) + "\n")
-            if ckpt_dir is not None and ((epoch + 1) % cfg["checkpoint_every"] == 0 or epoch + 1 == epochs):
-                save_checkpoint(ckpt_dir / "last.pt", {
-                    "epoch": epoch, "history": result.history,
-                    "models": {n: m.state_dict() for n, m in modules.items()},
-                    "optimizers": [o.state_dict() for o in optimizers],
-                    "schedules": [s.state_dict() for s in schedules],
-                })
+                if (epoch + 1) % cfg["checkpoint_every"] == 0 or epoch + 1 == epochs:
+                    save_checkpoint(ckpt_dir / "last.pt", {  # type: ignore[operator]
+                        "epoch": epoch, "history": result.history,
+                        "models": {n: m.state_dict() for n, m in modules.items()},
+                        "optimizers": [o.state_dict() for o in optimizers],
+                        "schedules": [s.state_dict() for s in schedules],
+                    })
             if cfg["on_epoch_end"] is not None:
                 cfg["on_epoch_end"](row)
     finally:
         bar.close()
+    if info.enabled:
+        D.barrier()  # every rank leaves once rank 0 has written its files
     for name, member in tracked.items():
         if maximize:
             member.result.best_acc, member.result.last_acc = member.best, member.last
@@ -721,7 +777,7 @@ class RocketFitResult(FitResult):
           venue="AAAI"),
 )
 def fit_rocket(
-    student: RocketNet,
+    student: RocketNet | ModelSpec,
     train_loader: Iterable[Any],
     val_loader: Iterable[Any] | None = None,
     *,
@@ -732,6 +788,9 @@ def fit_rocket(
     progress: bool = True,
     hint_weight: float = 0.03,
     grad_block: bool = True,
+    booster: ModelSpec | None = None,
+    shared: str | None = None,
+    booster_from: str | None = None,
     **fit_kwargs: Any,
 ) -> RocketFitResult:
     """Rocket launching: light and booster nets trained together, the booster guiding the light net.
@@ -743,8 +802,14 @@ def fit_rocket(
     once too.
 
     Args:
-        student: a :class:`RocketNet` (shared trunk, light head, booster head).
+        student: a :class:`RocketNet` (shared trunk, light head, booster head), or the light model (a
+            model, factory, zoo name or spec) from which, with ``booster`` and ``shared``, one is built
+            (:func:`~distill.strategies.composite.rocket_from_models`).
         teacher: must be ``None`` (the booster is trained here, not loaded).
+        booster: the booster model (model, factory, zoo name or spec), when ``student`` is not a RocketNet.
+        shared: module path of the light model where the shared lower layers end (e.g. ``"stage1"``).
+        booster_from: module path of the booster whose output the shared layers' replaces (default:
+            ``shared``); an adapter bridges different shapes.
         hint_weight: λ (0.03, the reference code's ``--gamma`` in all its published commands).
         grad_block: keep the hint from updating the booster (the paper's choice; ``False`` is its ablation).
         fit_kwargs: passed to :func:`distill.fit` (the reference code: SGD lr 0.1, 200 epochs,
@@ -754,11 +819,11 @@ def fit_rocket(
         :class:`RocketFitResult`: ``fit``'s result for the light net plus ``booster_acc``.
     """
     _no_teacher(teacher, "fit_rocket")
-    if not isinstance(student, RocketNet):
-        raise TypeError("fit_rocket needs a RocketNet(trunk, light, booster) as student (shared lower layers and "
-                        f"two heads), got {type(student).__name__}")
     _positive_int("epochs", epochs)
     hint_weight = _real("hint_weight", hint_weight)
+    if not isinstance(student, RocketNet):
+        seed_everything(seed)  # a factory's and the booster's initialisation follow `seed`, as fit's do
+    student = rocket_student(student, train_loader, booster=booster, shared=shared, booster_from=booster_from)
     losses = {"ce": 1.0, "rocket_booster_ce": RocketBoosterCE(),
               "rocket_hint": (hint_weight, RocketHint(grad_block=grad_block))}
     distiller = Distiller(student, None, losses=losses)
@@ -891,7 +956,7 @@ def _dense_targets(batch: Batch, like: Tensor) -> Tensor:
           authors="Z. Li, J. Ye, M. Song, Y. Huang, Z. Pan", year=2021, arxiv="2108.02092", venue="ICCV"),
 )
 def fit_okdhp(
-    student: MultiBranchNet,
+    student: MultiBranchNet | ModelSpec,
     train_loader: Iterable[Any],
     val_loader: Iterable[Any] | None = None,
     *,
@@ -904,6 +969,9 @@ def fit_okdhp(
     ens_weight: float = 6.0,
     rampup_epochs: int = 60,
     kd: str = "kl",
+    split: str | None = None,
+    num_branches: int = 3,
+    until: str | None = None,
     **fit_kwargs: Any,
 ) -> CohortFitResult:
     """OKDHP: every branch of a multi-branch dense network is taught by the branches' FAU ensemble.
@@ -915,8 +983,15 @@ def fit_okdhp(
     (B, C, H, W) as ``targets`` (every channel weighted 1). One optimizer trains the whole network.
 
     Args:
-        student: a :class:`MultiBranchNet`.
+        student: a :class:`MultiBranchNet`, or a model (model, factory, zoo name or spec) from which, with
+            ``split``, one is built (:func:`~distill.strategies.composite.multi_branch_from_model`).
         teacher: must be ``None``.
+        split: module path where the shared trunk ends (e.g. ``"stage1"``), when ``student`` is not a
+            MultiBranchNet.
+        num_branches: M, the branches of the built network (3, the reference code's).
+        until: module path where each branch's copy of the model ends (a feature map, e.g. ``"stage3"``;
+            default: the model's end); a head then maps it to the targets' shape (a 1x1 conv, or a
+            transposed conv where the targets are larger).
         kd_weight, ens_weight, rampup_epochs: 5, 6 and 60, the reference code's ``TRAIN.KD_WEIGHT``,
             ``TRAIN.ENS_WEIGHT``, ``TRAIN.LENGTH``.
         kd: ``"kl"`` (the reference code's pixel-wise KL) or ``"mse"``.
@@ -928,28 +1003,28 @@ def fit_okdhp(
     """
     who = "fit_okdhp"
     _no_teacher(teacher, who)
-    if not isinstance(student, MultiBranchNet):
-        raise TypeError(f"{who} needs a MultiBranchNet(trunk, branches, ...) as student, got "
-                        f"{type(student).__name__}")
     _positive_int("epochs", epochs)
     _real("kd_weight", kd_weight)
     _real("ens_weight", ens_weight)
     _positive_int("rampup_epochs", rampup_epochs, minimum=0)
     if kd not in DENSE_KD_LOSSES:
         raise ValueError(f"kd must be one of {DENSE_KD_LOSSES}, got {kd!r}")
+    _positive_int("num_branches", num_branches, minimum=2)
     cfg = _loop_config(fit_kwargs, who)
+    with _seeded(seed, cfg["deterministic"]):  # the built branches' initialisation follows `seed`
+        net = okdhp_student(student, train_loader, split=split, num_branches=num_branches, until=until)
 
     def step(batch: Batch, epoch: int, updater: _Updater) -> tuple[Tensor, dict[str, Tensor]]:
-        maps, ens = student(batch.inputs)
+        maps, ens = net(batch.inputs)
         target = _dense_targets(batch, ens)
         ramp = DF.sigmoid_rampup(epoch, rampup_epochs)
         total = DF.okdhp_loss(maps, ens, target, kd_weight=kd_weight * ramp, ens_weight=ens_weight, kd=kd)
         updater.update(0, total, "okdhp")
         return total, {}
 
-    names = [*(f"branch{i}" for i in range(len(student.branches))), "ensemble"]
+    names = [*(f"branch{i}" for i in range(len(net.branches))), "ensemble"]
     with _seeded(seed, cfg["deterministic"]):
-        return _run_cohort({"model": student}, [_unique_params([student])], train_loader, epochs=epochs,
-                           step=step, evaluate_fn=_dense_eval(student, val_loader), delivered="branch0",
+        return _run_cohort({"model": net}, [_unique_params([net])], train_loader, epochs=epochs,
+                           step=step, evaluate_fn=_dense_eval(net, val_loader), delivered="branch0",
                            maximize=False, cfg=cfg, run_dir=run_dir, progress=progress, members=names,
-                           best_module=student.branch_net(0))
+                           best_module=net.branch_net(0))

@@ -66,17 +66,6 @@ def as_model(student: Any, who: str) -> Any:
     return model
 
 
-def refuse_multi_process(who: str) -> None:
-    """A clear error for strategies whose own training loop is single-process, when run under torchrun
-    (every rank would train the whole data set and write the same files)."""
-    from distill.train.distributed import dist_info
-
-    info = dist_info()
-    if info.enabled:
-        raise RuntimeError(f"{who} runs its own single-process training loop; it cannot run under torchrun "
-                           f"(world size {info.world_size}): launch it as one process")
-
-
 def _ensure_loaded() -> None:
     # importing each module of the package runs its @register_strategy decorators
     import importlib
@@ -106,5 +95,5 @@ def strategy_info(name: str) -> StrategyInfo:
     return _STRATEGIES[name]
 
 
-__all__ = ["StrategyInfo", "as_model", "list_strategies", "refuse_multi_process", "register_strategy",
+__all__ = ["StrategyInfo", "as_model", "list_strategies", "register_strategy",
            "strategy_info"]

@@ -29,6 +29,7 @@ from torch import nn
 
 from distill import functional as DF
 from distill.batch import Batch, as_batch
+from distill.data.loader import shard_wrapped
 from distill.distiller import Distiller
 from distill.methods.base import Method
 from distill.methods.self_distill import (
@@ -70,8 +71,9 @@ class SelfDistillResult(FitResult):
 
 
 class _Wrapper:
-    """A loader built on another one: ``set_epoch`` and ``targets`` (what ``fit`` uses to seed the
-    order and bind per-sample state) pass through to the wrapped loader."""
+    """A loader built on another one: ``set_epoch``, ``set_shard`` and ``targets`` (what ``fit`` uses
+    to seed the order, shard the data under torchrun and bind per-sample state) pass through to the
+    wrapped loader, so under torchrun each rank wraps its own part of every batch."""
 
     def __init__(self, loader: Iterable[Any]) -> None:
         self.loader = loader
@@ -83,6 +85,9 @@ class _Wrapper:
     def set_epoch(self, epoch: int) -> None:
         if hasattr(self.loader, "set_epoch"):
             self.loader.set_epoch(epoch)
+
+    def set_shard(self, rank: int, world_size: int, split: str = "batch") -> None:
+        shard_wrapped(self.loader, rank, world_size, split, type(self).__name__)
 
     def __len__(self) -> int:
         return len(self.loader)  # type: ignore[arg-type]
@@ -246,14 +251,16 @@ def fit_msd(
     lam: float = 0.0,
     T: float = 3.0,
     predict: str | None = None,
+    lam_decay: str = "cosine",
     **fit_kwargs: Any,
 ) -> SelfDistillResult:
     """Multi-self-distillation: the exits of BYOT, every classifier taught by all the others.
 
     The student minimises :func:`distill.functional.msd_loss`; arguments and result as
-    :func:`fit_byot` (the BYOT feature hint off by default, ``lam = 0``).
+    :func:`fit_byot` (the feature hint off by default, ``lam = 0``; when on, its weight decays
+    with a cosine over the epochs, ``lam_decay``, see :class:`~distill.methods.self_distill.MSD`).
     """
-    method = MSD(exits=exits, feature=feature, alpha=alpha, lam=lam, T=T, predict=predict)
+    method = MSD(exits=exits, feature=feature, alpha=alpha, lam=lam, T=T, predict=predict, lam_decay=lam_decay)
     return _fit_exits("msd", method, student, train_loader, val_loader, teacher=teacher, epochs=epochs,
                       run_dir=run_dir, seed=seed, progress=progress, fit_kwargs=fit_kwargs)
 

@@ -34,14 +34,10 @@ from torch import Tensor, nn
 from distill import functional as DF
 from distill.batch import Batch, View
 from distill.data.augment import mix_seed
-from distill.data.loader import InMemoryLoader, in_memory_tensors
+from distill.data.loader import GlobalBatchShards, InMemoryLoader, in_memory_tensors
 from distill.distiller import Distiller
 from distill.methods.base import Method, Paper, create_method
-from distill.strategies.registry import (
-    as_model,
-    refuse_multi_process,
-    register_strategy,
-)
+from distill.strategies.registry import as_model, register_strategy
 from distill.taps import logits_of
 from distill.teachers import (
     EnsembleTeacher,
@@ -51,6 +47,7 @@ from distill.teachers import (
     check_logits,
 )
 from distill.train.checkpoint import save_checkpoint
+from distill.train.distributed import is_main_process
 from distill.train.evaluate import evaluate
 from distill.train.loop import FitResult, fit
 
@@ -446,11 +443,12 @@ class CoTrainingResult(FitResult):
 
 
 class _RoundBar:
-    """A rich progress bar over the rounds of a loop of our own; silent when disabled."""
+    """A rich progress bar over the rounds of a loop of our own; silent when disabled (and on
+    ranks other than 0 under torchrun)."""
 
     def __init__(self, enabled: bool, total: int, what: str) -> None:
         self._progress = None
-        if enabled:
+        if enabled and is_main_process():
             from rich.progress import (
                 BarColumn,
                 MofNCompleteColumn,
@@ -545,7 +543,6 @@ def fit_co_training(
     Raises (before any training): ValueError for a teacher, missing or mis-shaped ``unlabeled``,
     bad ``rounds`` / ``pool_size`` / ``per_class`` / ``exchange`` / views, or ``resume``.
     """
-    refuse_multi_process("fit_co_training")
     if teacher is not None:
         raise ValueError("co-training has no teacher: the two view classifiers label examples for each other")
     _count("rounds", rounds, low=0)
@@ -636,7 +633,7 @@ def fit_co_training(
     result.added_index = torch.tensor([a[0] for a in added], dtype=torch.long)
     result.added_labels = torch.tensor([a[1] for a in added], dtype=torch.long)
     result.added_by = torch.tensor([a[2] for a in added], dtype=torch.long)
-    if result.run_dir is not None:
+    if result.run_dir is not None and is_main_process():  # under torchrun: rank 0 writes
         result.run_dir.mkdir(parents=True, exist_ok=True)
         with open(result.run_dir / "metrics.jsonl", "w") as f:
             for row in rows:
@@ -650,14 +647,15 @@ def fit_co_training(
 # --------------------------------------------------------------------------------------------
 
 
-class MixedLoader:
+class MixedLoader(GlobalBatchShards):
     """Batches that each hold a fixed share of labelled examples, the rest pseudo-labelled.
 
     Every batch has ``round(batch_size * labeled_fraction)`` labelled examples (at least 1, and at
     least 1 pseudo-labelled) and the rest pseudo-labelled; each part is walked in its own seeded
     permutation per epoch, restarted when it runs out. An epoch has ``ceil((N_l + N_p) / batch_size)``
     batches. ``augment`` (an :class:`~distill.data.augment.Augment` or callable ``(x, generator)``)
-    is applied to each batch. Batches are :class:`~distill.batch.Batch` without index.
+    is applied to each batch. Batches are :class:`~distill.batch.Batch` without index. Under
+    torchrun each rank yields its part of every batch (:class:`~distill.data.loader.GlobalBatchShards`).
     """
 
     def __init__(self, labeled: tuple[Tensor, Tensor], pseudo: tuple[Tensor, Tensor], batch_size: int, *,
@@ -698,7 +696,7 @@ class MixedLoader:
             inputs = torch.cat(xs)
             if self.augment is not None:
                 inputs = self.augment(inputs, torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, 2, k)))
-            yield Batch(inputs, torch.cat(ys))
+            yield self._shard(Batch(inputs, torch.cat(ys)))
 
 
 @dataclass

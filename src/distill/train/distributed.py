@@ -53,8 +53,10 @@ __all__ = [
     "TrainableParts",
     "all_gather_object",
     "all_reduce_sum",
+    "average_gradients",
     "barrier",
     "broadcast_object",
+    "broadcast_state",
     "convert_sync_batchnorm",
     "dist_info",
     "init_distributed",
@@ -64,6 +66,7 @@ __all__ = [
     "set_loader_epoch",
     "shard_loader",
     "step_sizes",
+    "sync_rng_from_main",
 ]
 
 
@@ -204,6 +207,66 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+@torch.no_grad()
+def broadcast_state(modules: Any, src: int = 0, *, buffers_only: bool = False) -> None:
+    """Give every rank rank ``src``'s parameters and buffers of ``modules`` (a module or an iterable of
+    modules), as DDP does at start-up (only the buffers, e.g. BatchNorm statistics, with
+    ``buffers_only``); a tensor shared by several modules is sent once."""
+    if _world() == 1:
+        return
+    seen: set[int] = set()
+    for module in [modules] if isinstance(modules, nn.Module) else modules:
+        for t in [*([] if buffers_only else module.parameters()), *module.buffers()]:
+            if id(t) not in seen:
+                seen.add(id(t))
+                dist.broadcast(t.data, src=src)
+
+
+@torch.no_grad()
+def average_gradients(params: Any, flag: Tensor | None = None) -> bool:
+    """Average the gradients of ``params`` over the ranks, as DDP's all-reduce does, for loops that
+    step optimizers of their own (cohorts of peers); returns whether any rank raised ``flag``.
+
+    One flat all-reduce carries every gradient and, in its last element, ``flag`` (a bool scalar,
+    e.g. "my loss is non-finite"), so a rank whose loss went bad stops every rank at the same step
+    instead of leaving the others waiting in a collective. Parameters without a gradient are skipped:
+    the loops call this where every rank runs the same code, so the same ones have gradients.
+    In a single-process run nothing is communicated and ``bool(flag)`` is returned.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    bad = flag if flag is not None else torch.zeros((), dtype=torch.bool)
+    world = _world()
+    if world == 1:
+        return bool(bad)
+    device = grads[0].device if grads else bad.device
+    flat = torch.cat([*(g.reshape(-1).float() for g in grads), bad.to(device).float().reshape(1)])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset:offset + n].view_as(g).to(g.dtype) / world)
+        offset += n
+    return bool(flat[-1] > 0)
+
+
+def sync_rng_from_main() -> None:
+    """Every rank takes rank 0's random-number state (Python, NumPy, torch).
+
+    ``fit`` gives ranks other than 0 their own streams for dropout; a strategy that goes on after a
+    ``fit`` (generating a transfer set, drawing the next generation's initialisation) must draw the
+    same numbers on every rank, the ones a single-process run draws.
+    """
+    if _world() == 1:
+        return
+    from distill.train.checkpoint import rng_state, set_rng_state
+
+    set_rng_state(broadcast_object(rng_state()))
 
 
 # --------------------------------------------------------------------------------------------

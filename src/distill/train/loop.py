@@ -397,6 +397,7 @@ def _fit(distiller: Any, train_loader: Iterable[Any], val_loader: Iterable[Any] 
             bar.close()
             del stepper  # DDP's gradient hooks go with it: a later fit of the same student starts clean
     if info.enabled:
+        D.sync_rng_from_main()  # what a caller draws next (a strategy's next stage) is the same on every rank
         D.barrier()  # every rank leaves once rank 0 has written its files
     if result.history and result.last_acc is None:
         result.last_acc = result.history[-1].get("val_student_acc")
