@@ -640,3 +640,14 @@ def test_step_end_reaches_a_stateful_teacher_source_and_methods() -> None:
     assert source.steps == 6 and method.steps == 6 and source.seen is student
     plain = Distiller(nn.Linear(4, 3), nn.Linear(4, 3))
     assert not plain._has_step_hooks  # no per-step calls when nothing listens
+
+
+def test_ensemble_combines_on_its_members_device():
+    """Members moved to another device than the ensemble's own buffers (the meta device stands for a
+    GPU here) still combine: the weights follow the logits (found by benchmarks/cuda_check.py)."""
+    members = [nn.Linear(4, 3), nn.Linear(4, 3)]
+    ens = EnsembleTeacher(members, combine="probs")
+    for m in members:
+        m.to("meta")
+    out = ens(Batch(torch.zeros(2, 4, device="meta")))
+    assert out["logits"].device.type == "meta" and out["logits"].shape == (2, 3)

@@ -214,3 +214,12 @@ def test_bad_arguments_fail_before_any_training(digits):
         Distiller(student, None, {"flow_kl": FlowKL()}).prepare(next(iter(train)))
     info = strategy_info("knowledge_flow")
     assert info.fn is fit_knowledge_flow and info.family == "chain" and info.paper.arxiv == "1904.05878"
+
+
+def test_teachers_follow_the_example_to_its_device():
+    """Teachers trained elsewhere (a GPU in a recipe) are moved to the example's device for the shape
+    probes; the meta device stands for the other device here (found by benchmarks/cuda_check.py)."""
+    student = linear_net(5, 2, 0).to("meta")
+    teachers = [linear_net(5, 3, 1), linear_net(5, 4, 2)]
+    net = KnowledgeFlowNet(student, teachers, ["0"], [["0"], ["0"]], torch.randn(4, 5, device="meta"))
+    assert {p.device.type for p in net.parameters()} == {"meta"}

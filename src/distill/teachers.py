@@ -187,7 +187,7 @@ class EnsembleTeacher(TeacherSource):
 
     def forward(self, batch: Batch) -> View:
         logits = torch.stack([m(batch)["logits"] for m in self.members])  # (M, B, K)
-        w = self.weights.to(logits.dtype).view(-1, 1, 1)
+        w = self.weights.to(device=logits.device, dtype=logits.dtype).view(-1, 1, 1)
         if self.combine == "logits":
             return {"logits": (w * logits).sum(0)}
         T = self.temperature

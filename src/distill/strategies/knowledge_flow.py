@@ -21,8 +21,15 @@ training (:func:`~distill.functional.flow_dependency_factor`) so that the teache
 zero. At the end the hooks are removed and the student runs alone.
 
 Paper: I.-J. Liu, J. Peng, A. G. Schwing, "Knowledge Flow: Improve Upon Your Teachers", ICLR 2019,
-arXiv 1904.05878. The authors' code was not available to us: this follows the paper's
-description; the defaults of λ1, λ2 and the shape of the λ2 schedule are this library's.
+arXiv 1904.05878. Sources: the abstract and introduction (arXiv mirrors, the ICLR text) and a
+review's summary of the method (teachers' intermediate representations, transformed by trainable
+matrices and scaled by normalised weights, added to the student's layers; a dependency loss and a
+KL regulariser that make the student independent of the teachers as training goes on) could be
+read here; the method section with its equations and settings could not, and no code by the
+authors was found (their public repositories hold other projects). The symbols λ1 (KL) and λ2
+(dependency) are this module's names, not necessarily the paper's numbering; their defaults,
+the softmax parametrisation of the weights, the uniform initial weights and the linear λ2 ramp
+are this library's choices.
 """
 
 from __future__ import annotations
@@ -112,7 +119,8 @@ class KnowledgeFlowNet(nn.Module):
                              f"teacher ({len(teachers)}), got {teacher_layers!r}")
         self.student = student
         self.teacher_layers = [[str(p) for p in paths] for paths in teacher_layers]
-        self.teachers = nn.ModuleList(FrozenTeacher(t) for t in teachers)
+        # on the example's device for the shape probes below (fit then moves the whole net to its device)
+        self.teachers = nn.ModuleList(FrozenTeacher(t) for t in teachers).to(example.device)
         for source, paths in zip(self.teachers, self.teacher_layers):
             source.require_taps(paths)
         self.modules_at = [resolve(student, p, model_name="student") for p in self.layers]
@@ -369,7 +377,7 @@ def fit_knowledge_flow(
         teacher_layers: the teachers' module paths, one per student layer: a list used for every
             teacher, one list per teacher, or ``None`` (the student's paths, for zoo models).
         kl_weight, dependency_weight, dependency_start: λ1, the final λ2 and the schedule's start
-            (this library's defaults: 1, 1, 0; the paper does not give values for every setting).
+            (this library's defaults: 1, 1, 0; the paper's values could not be read here).
         **fit_kwargs: passed to :func:`distill.fit`.
 
     Returns:
