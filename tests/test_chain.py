@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from _interrupt import Interrupted, interrupt_after
 from _views import cnn_views
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -320,7 +321,7 @@ def test_born_again_checks_arguments_before_training() -> None:
         born_again(FACTORIES["mlp"](), train, val, epochs=1)
     for kwargs, match in [({"generations": 0}, "generations"), ({"loss": "ce"}, "loss"), ({"T": 0}, "T"),
                           ({"ce_weight": -1.0}, "ce_weight"), ({"hand_over": "first"}, "hand_over"),
-                          ({"epochs": 0}, "epochs"), ({"resume": True}, "resume")]:
+                          ({"epochs": 0}, "epochs"), ({"resume": True}, "resume=True needs run_dir")]:
         with pytest.raises(ValueError, match=match):
             born_again(FACTORIES["mlp"], train, val, **{"epochs": 1, "progress": False, **kwargs})
 
@@ -571,3 +572,49 @@ def test_reskd_checks_arguments_before_training() -> None:
         with pytest.raises(error, match=match):
             reskd(FACTORIES["cnn"], train, val, **{"teacher": teacher, "res_students": [FACTORIES["mlp"]],
                                                    "epochs": 1, "progress": False, **kwargs})
+
+
+# ---------------------------------------------------------------------------- resuming a chain
+
+
+def _chain_runs():
+    """Each chain strategy as a call of (run_dir, resume, on_epoch_end), 2 epochs per stage."""
+    from distill.strategies.hsakd import fit_hsakd
+
+    train, val = digits(100)
+    kw = {"epochs": 2, "optimizer": "sgd", "lr": 0.05, "progress": False}
+
+    def teacher():
+        torch.manual_seed(123)
+        return distill.models.create("cnn", widths=(4, 8, 8), num_classes=10)
+
+    return {
+        "born_again": lambda **k: born_again(FACTORIES["mlp"], train, val, generations=2, hand_over="best", **kw, **k),
+        "takd": lambda **k: takd(FACTORIES["mlp"], train, val, teacher=teacher(), assistants=[FACTORIES["mlp"]],
+                                 hand_over="best", **kw, **k),
+        "reskd": lambda **k: reskd(FACTORIES["mlp"], train, val, teacher=teacher(), res_students=[FACTORIES["mlp"]],
+                                   **kw, **k),
+        "pro_kd": lambda **k: pro_kd(FACTORIES["mlp"], train, val, teacher=teacher(), teacher_epochs=2, **kw, **k),
+        "hsakd": lambda **k: fit_hsakd(FACTORIES["cnn"], train, val, teacher=teacher(), teacher_epochs=2, **kw, **k),
+    }
+
+
+@pytest.mark.parametrize("name", ["born_again", "takd", "reskd", "pro_kd", "hsakd"])
+def test_a_chain_stopped_in_its_second_stage_resumes_to_the_same_models(name, tmp_path) -> None:
+    """Stopped after the first epoch of the second stage, then resumed: the finished stage is restored
+    from its checkpoint (its best epoch for hand_over="best"), the interrupted one continues, and the
+    delivered models equal the uninterrupted run's."""
+    call = _chain_runs()[name]
+    torch.manual_seed(0)
+    whole = call(run_dir=tmp_path / "whole")
+    torch.manual_seed(0)
+    with pytest.raises(Interrupted):  # after stage 1's two epochs and the first of stage 2
+        call(run_dir=tmp_path / "cut", on_epoch_end=interrupt_after(3))
+    torch.manual_seed(0)
+    resumed = call(run_dir=tmp_path / "cut", resume=True)
+    assert len(resumed.stages) == len(whole.stages)
+    for a, b in zip(whole.stages, resumed.stages):
+        assert [r["train_loss"] for r in a.history] == [r["train_loss"] for r in b.history]
+    for m_whole, m_resumed in zip(whole.models, resumed.models):
+        for a, b in zip(m_whole.state_dict().values(), m_resumed.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from _interrupt import Interrupted, interrupt_after
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -345,7 +346,7 @@ def test_mean_teacher_is_registered_and_checks_arguments_before_training() -> No
     before = [p.detach().clone() for p in student.parameters()]
     for kwargs, match in [({"epochs": 0}, "epochs"), ({"consistency": -1.0}, "consistency"),
                           ({"ema_decay": 1.5}, "ema_decay"), ({"ema_decay_rampup": -0.1}, "ema_decay_rampup"),
-                          ({"buffers": "none"}, "buffers"), ({"resume": True}, "resume"),
+                          ({"buffers": "none"}, "buffers"), ({"resume": True}, "resume=True needs run_dir"),
                           ({"input_noise": -1.0}, "input_noise")]:
         with pytest.raises(ValueError, match=match):
             mean_teacher(student, lab, val, **{"epochs": 1, "progress": False, **kwargs})
@@ -375,3 +376,26 @@ def test_loader_reads_index_returning_datasets_with_minus_one_labels() -> None:
         z = student.eval()(batch.inputs)
     expected = -sum(math.log(softmax_rows(z[b].tolist())[int(batch.targets[b])]) for b in (0, 2, 5)) / 10
     assert float(d(batch).parts["ce"]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_mean_teacher_resumes_where_the_interrupted_run_stopped(tmp_path) -> None:
+    """A run stopped after its second epoch and resumed ends with the student and the EMA teacher of
+    the uninterrupted run (fit checkpoints the changing teacher source with the student)."""
+    lab, unl, _ = digits_loaders(40, 80)
+
+    def run(run_dir, resume=False, stop_after=None):
+        torch.manual_seed(0)
+        student = distill.models.create("cnn_digits_student")
+        result = mean_teacher(student, lab, None, unlabeled_loader=unl, epochs=3, run_dir=run_dir, resume=resume,
+                              progress=False, lr=0.05, input_noise=0.1, on_epoch_end=interrupt_after(stop_after))
+        return student, result
+
+    student, whole = run(tmp_path / "whole")
+    with pytest.raises(Interrupted):
+        run(tmp_path / "cut", stop_after=2)
+    resumed_student, resumed = run(tmp_path / "cut", resume=True)
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in whole.history]
+    for a, b in zip(student.state_dict().values(), resumed_student.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(whole.ema_model.state_dict().values(), resumed.ema_model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

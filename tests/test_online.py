@@ -9,11 +9,13 @@ bad arguments before any training.
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _interrupt import Interrupted, interrupt_after
 from _views import CNN_PAIRS
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -494,7 +496,8 @@ class _Untouchable:
         (lambda L: fit_dml(lambda: create("cnn_digits_student"), L, epochs=1, teacher=nn.Linear(2, 2)), ValueError,
          "teacher-free"),
         (lambda L: fit_dml(lambda: create("cnn_digits_student"), L, epochs=1, lr_decay=3), TypeError, "lr_decay"),
-        (lambda L: fit_dml(lambda: create("cnn_digits_student"), L, epochs=1, resume=True), ValueError, "resume"),
+        (lambda L: fit_dml(lambda: create("cnn_digits_student"), L, epochs=1, resume=True), ValueError,
+         "resume=True needs run_dir"),
         (lambda L: fit_dml(lambda: create("cnn_digits_student"), L, epochs=1, amp="bf16"), ValueError, "float32"),
         (lambda L: fit_dml(lambda: create("cnn_digits_student"), L, epochs=0), ValueError, "epochs"),
         (lambda L: fit_okddip(lambda: create("cnn_digits_student"), L, epochs=1, num_models=2), ValueError,
@@ -558,3 +561,33 @@ def test_registry_entries():
     for name in ("rocket_hint", "rocket_booster_ce", "codistillation"):
         assert method_info(name).family == "online"
     assert method_info("rocket_hint").defaults["grad_block"] is True
+
+
+@pytest.mark.parametrize("strategy", ["dml", "okddip"])
+def test_cohort_resumes_where_the_interrupted_run_stopped(strategy, tmp_path):
+    """A cohort run stopped after its second epoch and resumed from last.pt ends with the weights,
+    history and per-member best epochs of the uninterrupted run."""
+    train = get_dataset("digits", split="train")
+    x, y = train.inputs[:96], train.targets[:96]
+    fn, extra = {"dml": (fit_dml, {"num_models": 2}), "okddip": (fit_okddip, {"num_models": 3})}[strategy]
+
+    def run(run_dir, resume=False, stop_after=None):
+        return fn(lambda: create("cnn_digits_student"), InMemoryLoader(x, y, 32, seed=1),
+                  InMemoryLoader(x[:32], y[:32], 32, shuffle=False), epochs=3, run_dir=run_dir, resume=resume,
+                  progress=False, lr=0.05, on_epoch_end=interrupt_after(stop_after), **extra)
+
+    whole = run(tmp_path / "whole")
+    with pytest.raises(Interrupted):
+        run(tmp_path / "cut", stop_after=2)
+    resumed = run(tmp_path / "cut", resume=True)
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in whole.history]
+    for name, model in whole.models.items():
+        for a, b in zip(model.state_dict().values(), resumed.models[name].state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert {n: m.best_epoch for n, m in resumed.members.items()} == {n: m.best_epoch for n, m in whole.members.items()}
+    lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1, 2]  # the redone epoch is logged once
+    with pytest.raises(ValueError, match="not this cohort's"):  # a DML checkpoint does not resume OKDDip's cohort
+        other = fit_okddip if strategy == "dml" else fit_dml
+        other(lambda: create("cnn_digits_student"), InMemoryLoader(x, y, 32, seed=1), epochs=3,
+              run_dir=tmp_path / "cut", resume=True, progress=False, num_models=2 if strategy == "okddip" else 3)

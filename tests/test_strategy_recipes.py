@@ -3,6 +3,7 @@ strategy sections fail before any training with an error naming the key."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -45,7 +46,7 @@ PYTHON_ONLY = {
 
 
 def _recipe(name: str) -> dict:
-    need = NEEDS.get(name, {})
+    need = copy.deepcopy(NEEDS.get(name, {}))  # a test that edits its recipe must not edit the next one's
     strategy = {"name": name, "args": need.get("args", {})}
     if "labeled" in need:
         strategy["labeled"] = need["labeled"]
@@ -152,3 +153,14 @@ def test_cli_lists_strategies(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["strategies", "--family", "chain"]) == 0
     out = capsys.readouterr().out
     assert "takd" in out and "dml" not in out
+
+
+@pytest.mark.parametrize("name", ["dml", "takd", "model_compression"])
+def test_a_strategy_recipe_resumes(name: str, tmp_path: Path) -> None:
+    """``distill run --resume`` on a finished strategy run restores it (cohort, chain, transfer set)
+    without training again: the summary's accuracy is the first run's."""
+    recipe = parse_recipe(_recipe(name))
+    first = json.loads((run_recipe(recipe, out_dir=tmp_path, progress=False)[0] / "summary.json").read_text())
+    again = json.loads((run_recipe(recipe, out_dir=tmp_path, progress=False, resume=True)[0] / "summary.json")
+                       .read_text())
+    assert again["last_acc"] == first["last_acc"] and again["best_epoch"] == first["best_epoch"]

@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _interrupt import Interrupted, interrupt_after
 from _views import CNN_PAIRS
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -312,7 +313,7 @@ def test_model_compression_with_kd_and_without_the_training_inputs(digits: tuple
     ({"p": 2.0}, ValueError, "swap probability"),
     ({"s": 0}, ValueError, "local-variance"),
     ({"multiplier": 0}, ValueError, "multiplier"),
-    ({"resume": True}, ValueError, "resume"),
+    ({"resume": True}, ValueError, "resume=True needs run_dir"),
     ({"train": "loader"}, TypeError, "in memory"),
 ])
 def test_model_compression_rejects_bad_arguments_before_work(kwargs: dict, error: type, match: str,
@@ -508,7 +509,7 @@ def test_co_training_on_digits_lowers_the_loss_and_writes_its_run(digits: tuple,
     ({"views": ("left", "diagonal")}, ValueError, "which"),
     ({"views": ("left", 3)}, TypeError, "view"),
     ({"student": [nn.Linear(2, 2)]}, ValueError, "two models"),
-    ({"resume": True}, ValueError, "resume"),
+    ({"resume": True}, ValueError, "co_training cannot resume"),
 ])
 def test_co_training_rejects_bad_arguments_before_training(kwargs: dict, error: type, match: str,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
@@ -638,7 +639,7 @@ def test_data_distillation_trains_its_teacher_when_none_is_given(digits: tuple, 
     ({"threshold": 2.0}, "threshold"),
     ({"labeled_fraction": 1.0}, "labeled_fraction"),
     ({"teacher_epochs": 0}, "teacher_epochs"),
-    ({"resume": True}, "resume"),
+    ({"resume": True}, "resume=True needs run_dir"),
 ])
 def test_data_distillation_rejects_bad_arguments_before_training(kwargs: dict, match: str,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
@@ -668,3 +669,32 @@ def test_the_four_strategies_are_registered_with_their_papers() -> None:
     assert strategy_info("co_training").paper.venue == "COLT"
     assert strategy_info("data_distillation").paper.arxiv == "1712.04440"
     assert strategy_info("model_compression").summary.startswith("Model compression")
+
+
+@pytest.mark.parametrize("strategy", ["model_compression", "data_distillation"])
+def test_transfer_strategies_resume_to_the_same_student(strategy: str, tmp_path) -> None:
+    """The transfer set (or the pseudo-labels) is a function of the seed, the data and the teacher: a
+    run stopped in the student's second epoch and resumed rebuilds it and ends with the weights of the
+    uninterrupted run."""
+    data = distill.data.get_dataset("digits", split="train")
+    x, y = data.inputs[:60], data.targets[:60]
+
+    def run(run_dir, **kw):
+        torch.manual_seed(0)
+        student = create("mlp_digits_student")
+        common = {"epochs": 3, "run_dir": run_dir, "progress": False, "lr": 0.05, **kw}
+        if strategy == "model_compression":
+            torch.manual_seed(1)
+            teacher = create("mlp_digits_student")
+            T.fit_model_compression(student, (x, y), teacher=teacher, multiplier=2, **common)
+        else:
+            T.fit_data_distillation(student, (x[:30], y[:30]), unlabeled=x[30:], teacher_epochs=2, threshold=0.0,
+                                    scales=(1.0,), flip=False, **common)
+        return student
+
+    whole = run(tmp_path / "whole")
+    with pytest.raises(Interrupted):  # after the student's 2nd epoch (data distillation: the teacher's 2 first)
+        run(tmp_path / "cut", on_epoch_end=interrupt_after(2 if strategy == "model_compression" else 4))
+    resumed = run(tmp_path / "cut", resume=True)
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

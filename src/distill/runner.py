@@ -215,9 +215,11 @@ def run_recipe(recipe: Recipe, *, out_dir: str | Path | None = None, progress: b
             if spec.checkpoint is not None:
                 continue
             tdir = base / (f"teacher{i}" if len(members) > 1 else "teacher")
+            # dense-target settings enter only when used: teachers trained before they existed stay valid
+            unused = {"train_subset"} | ({"targets", "heatmap_sigma"} if recipe.data.targets == "labels" else set())
             fingerprint = {"model": spec.model_dump(mode="json"), "train": t.train.model_dump(mode="json") if t.train
                            else None, "label_smoothing": t.label_smoothing, "train_subset": t.train_subset,
-                           "data": recipe.data.model_dump(mode="json", exclude={"train_subset"}), "member": i}
+                           "data": recipe.data.model_dump(mode="json", exclude=unused), "member": i}
             spec_file = tdir / "teacher_spec.json"
             if (tdir / "model.pt").is_file() and spec_file.is_file() and json.loads(spec_file.read_text()) == fingerprint:
                 teacher_models[i], member_metadata[i] = load_model(tdir / "model.pt", teacher_models[i])

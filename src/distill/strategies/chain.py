@@ -39,7 +39,7 @@ from distill.models.registry import list_models
 from distill.strategies.registry import register_strategy
 from distill.taps import logits_of
 from distill.teachers import EnsembleTeacher, FrozenTeacher, TeacherSource, freeze
-from distill.train.checkpoint import load_model, save_model
+from distill.train.checkpoint import load_checkpoint, load_model, save_model
 from distill.train.evaluate import evaluate
 from distill.train.loop import FitResult, fit, seed_everything
 
@@ -58,6 +58,7 @@ __all__ = [
     "born_again",
     "build_model",
     "check_model_spec",
+    "check_stage_resume",
     "ensemble_accuracy",
     "evaluate_adaptive",
     "load_weights",
@@ -225,9 +226,16 @@ def _check_hand_over(hand_over: str) -> None:
         raise ValueError(f"hand_over must be one of {HAND_OVER}, got {hand_over!r}")
 
 
-def _check_no_own_keys(fit_kwargs: dict[str, Any], strategy: str) -> None:
-    if fit_kwargs.get("resume"):
-        raise ValueError(f"{strategy} trains several stages; resume one stage with distill.fit instead")
+def check_stage_resume(fit_kwargs: dict[str, Any], strategy: str, run_dir: str | Path | None) -> None:
+    """``resume`` of a strategy that trains stages, each a ``fit`` with a folder of its own under
+    ``run_dir``: every stage's ``fit`` gets it, so a finished stage restores its last checkpoint
+    (no epoch left to run), the interrupted one continues, and the later ones start. Needs ``run_dir``."""
+    resume = fit_kwargs.get("resume")
+    if resume and run_dir is None:
+        raise ValueError(f"{strategy}: resume=True needs run_dir, where each stage keeps its checkpoints")
+    if resume not in (None, False, True):
+        raise ValueError(f"{strategy}: resume must be True or False (each stage resumes from its own folder), "
+                         f"got {resume!r}")
 
 
 ModelSpec = nn.Module | Callable[[], nn.Module] | str | Mapping[str, Any]
@@ -292,7 +300,11 @@ def _train_stage(model: nn.Module, teacher: Any, losses: dict[str, Any], train_l
     distiller = Distiller(model, teacher, losses)
     result = fit(distiller, train_loader, val_loader, epochs=epochs, run_dir=run_dir, seed=seed, progress=progress,
                  on_epoch_end=on_epoch_end, **kwargs)
-    if best["state"] is not None:
+    best_file = run_dir / "checkpoints" / "best.pt" if run_dir is not None else None
+    if hand_over == "best" and kwargs.get("resume") and best_file is not None and best_file.is_file():
+        # a resumed stage saw only its last epochs: the best of all of them is the one fit saved
+        model.load_state_dict(load_checkpoint(best_file, map_location="cpu")["student"])
+    elif best["state"] is not None:
         model.load_state_dict(best["state"])
     return result
 
@@ -393,7 +405,7 @@ def born_again(
     _check_hand_over(hand_over)
     if teacher is not None and not isinstance(teacher, nn.Module):
         raise TypeError(f"teacher must be an nn.Module or None, got {type(teacher).__name__}")
-    _check_no_own_keys(fit_kwargs, "born_again")
+    check_stage_resume(fit_kwargs, "born_again", run_dir)
     root = Path(run_dir) if run_dir is not None else None
     stages: list[FitResult] = []
     models: list[nn.Module] = []
@@ -470,7 +482,7 @@ def takd(
     T = _check_positive("T", T)
     kd_weight = _check_positive("kd_weight", kd_weight, 0.0, 1.0)
     _check_hand_over(hand_over)
-    _check_no_own_keys(fit_kwargs, "takd")
+    check_stage_resume(fit_kwargs, "takd", run_dir)
     root = Path(run_dir) if run_dir is not None else None
     stages: list[FitResult] = []
     models: list[nn.Module] = []
@@ -652,7 +664,7 @@ def pro_kd(
     check_model_spec(student, "student")
     kd_weight = _check_positive("kd_weight", kd_weight, 0.0, 1.0)
     DF.annealed_temperature(0, 2, T_max, T_min)  # validates the temperatures before any training
-    _check_no_own_keys(fit_kwargs, "pro_kd")
+    check_stage_resume(fit_kwargs, "pro_kd", run_dir)
     root = Path(run_dir) if run_dir is not None else None
     stages: list[FitResult] = []
     models: list[nn.Module] = []
@@ -662,7 +674,7 @@ def pro_kd(
                              "teacher here and save its footsteps")
         _check_epochs(teacher_epochs)
         folder = root / "teacher" / "footsteps"
-        if folder.is_dir() and any(folder.glob("*.pt")):
+        if folder.is_dir() and any(folder.glob("*.pt")) and not fit_kwargs.get("resume"):
             raise FileExistsError(f"{str(folder)!r} already holds checkpoints; give them as checkpoints= or "
                                   "use another run_dir")
         kwargs = dict(fit_kwargs)
@@ -961,7 +973,7 @@ def reskd(
     kd_weight = _check_positive("kd_weight", kd_weight, 0.0, 1.0)
     ce_weight = _check_weight("ce_weight", ce_weight)
     threshold = _check_stop_rule(threshold, criterion)
-    _check_no_own_keys(fit_kwargs, "reskd")
+    check_stage_resume(fit_kwargs, "reskd", run_dir)
     root = Path(run_dir) if run_dir is not None else None
     parts = [build_model(student, "student")]
     stages: list[FitResult] = []

@@ -29,6 +29,7 @@ from distill.strategies.chain import (
     _check_epochs,
     build_model,
     check_model_spec,
+    check_stage_resume,
 )
 from distill.strategies.online import _positive_int
 from distill.strategies.registry import register_strategy
@@ -119,8 +120,7 @@ def fit_hsakd(
         raise ValueError("the teacher has no auxiliary classifiers yet: give teacher_epochs to train them (or pass an "
                          "AuxiliaryNet whose classifiers are trained)")
     HSAKD(len(exits), T)  # validates T before any work
-    if fit_kwargs.get("resume"):
-        raise ValueError("fit_hsakd trains two stages; resume one stage with distill.fit instead")
+    check_stage_resume(fit_kwargs, "fit_hsakd", run_dir)
     first = next(iter(train_loader), None)
     if first is None:
         raise ValueError("the training loader yielded no batch")

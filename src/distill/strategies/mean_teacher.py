@@ -476,7 +476,8 @@ def mean_teacher(
             (dropout and batch statistics, as in both codes), see :class:`EMATeacher`.
         buffers: the teacher's BatchNorm statistics: ``"own"`` (the PyTorch code's), ``"copy"``, ``"ema"``.
         run_dir, seed, progress, **fit_kwargs: passed to :func:`distill.fit` (optimizer, lr, schedule...).
-            ``resume`` is refused: fit's checkpoints hold the student and the losses, not the EMA.
+            ``resume=True`` continues from ``run_dir``'s last checkpoint, EMA teacher included (``fit``
+            saves a changing teacher source with the student).
 
     Returns:
         a :class:`MeanTeacherResult`: the student's fit result, the EMA model and its accuracies.
@@ -490,9 +491,6 @@ def mean_teacher(
         _check_number("ema_decay_rampup", ema_decay_rampup, 0.0, 1.0)
     if buffers not in BUFFER_MODES:
         raise ValueError(f"buffers must be one of {BUFFER_MODES}, got {buffers!r}")
-    if fit_kwargs.get("resume"):
-        raise ValueError("mean_teacher cannot resume: fit's checkpoints hold the student and the losses, "
-                         "not the EMA teacher")
     check_model_spec(student, "student")
     loader = MeanTeacherLoader(train_loader, unlabeled_loader, augment=augment, input_noise=input_noise, seed=seed)
     model = build_model(student, "student")

@@ -14,7 +14,8 @@ library's pieces: :func:`~distill.train.schedules.make_optimizer`, :class:`~dist
 :func:`~distill.train.evaluate.evaluate`, :func:`~distill.train.checkpoint.save_checkpoint`, the
 seeding and the progress bar of :func:`distill.fit`. It takes ``fit``'s optimisation keywords
 (optimizer, lr, momentum, weight_decay, nesterov, schedule, milestones, gamma, grad_clip, device,
-deterministic, checkpoint_every, on_epoch_end), trains in float32 and cannot resume.
+deterministic, checkpoint_every, on_epoch_end, resume), trains in float32, and resumes from its
+``last.pt`` (every module, optimizer, schedule, the random state and each member's best epoch).
 """
 
 from __future__ import annotations
@@ -43,11 +44,12 @@ from distill.strategies.composite import okdhp_student, rocket_student
 from distill.strategies.registry import register_strategy
 from distill.taps import Taps, logits_of
 from distill.train import distributed as D
-from distill.train.checkpoint import save_checkpoint
+from distill.train.checkpoint import rng_state, save_checkpoint, set_rng_state
 from distill.train.evaluate import evaluate
 from distill.train.loop import (
     FitResult,
     NonFiniteLossError,
+    _load_resume,
     _Progress,
     fit,
     seed_everything,
@@ -71,7 +73,7 @@ __all__ = [
 DML_UPDATES = ("sequential", "simultaneous")
 
 # fit's optimisation keywords the cohort loop honours (their defaults are read from fit's signature)
-_LOOP_KEYS = ("optimizer", "lr", "momentum", "weight_decay", "nesterov", "schedule", "milestones", "gamma",
+_LOOP_KEYS = ("resume", "optimizer", "lr", "momentum", "weight_decay", "nesterov", "schedule", "milestones", "gamma",
               "grad_clip", "device", "deterministic", "on_epoch_end", "checkpoint_every")
 
 
@@ -102,12 +104,9 @@ def _no_teacher(teacher: Any, who: str) -> None:
 
 def _loop_config(fit_kwargs: dict[str, Any], who: str) -> dict[str, Any]:
     """The cohort loop's settings: fit's optimisation keywords with fit's defaults; anything else is refused."""
-    if fit_kwargs.get("resume"):
-        raise ValueError(f"{who} cannot resume: its loop keeps several models and optimizers that fit's "
-                         "checkpoints do not describe")
     if fit_kwargs.get("amp", False) not in (False, None, "off", "none", "auto"):
         raise ValueError(f"{who} trains in float32; amp={fit_kwargs['amp']!r} is not supported")
-    fit_kwargs = {k: v for k, v in fit_kwargs.items() if k not in ("resume", "amp", "eval_teacher")}
+    fit_kwargs = {k: v for k, v in fit_kwargs.items() if k not in ("amp", "eval_teacher")}
     unknown = sorted(set(fit_kwargs) - set(_LOOP_KEYS))
     if unknown:
         raise TypeError(f"{who} got unknown argument(s) {unknown}; it accepts {sorted(_LOOP_KEYS)}")
@@ -332,14 +331,20 @@ def _cohort_epochs(
     write = info.is_main and run_dir is not None
     run_path = Path(run_dir) if run_dir is not None else None
     ckpt_dir = run_path / "checkpoints" if run_path is not None else None
-    if write:
-        run_path.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
-        (run_path / "metrics.jsonl").write_text("")  # type: ignore[operator]
     tracked = {name: _Member() for name in members}
     result = CohortFitResult(run_dir=run_path, delivered=delivered, models=dict(modules))
+    start_epoch = 0
+    if cfg["resume"]:
+        state = _load_resume(cfg["resume"], ckpt_dir, device, info)
+        if state is not None:
+            start_epoch = _restore_cohort(state, modules, optimizers, schedules, tracked, result)
+    if write:
+        run_path.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
+        # afresh from the history so far: a resumed run never keeps lines of the epochs it redoes
+        (run_path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in result.history))  # type: ignore[operator]
     bar = _Progress(progress and info.is_main, epochs, steps_per_epoch)
     try:
-        for epoch in range(epochs):
+        for epoch in range(start_epoch, epochs):
             t0 = time.perf_counter()
             D.set_loader_epoch(train_loader, epoch)
             for module in modules.values():
@@ -403,6 +408,9 @@ def _cohort_epochs(
                         "models": {n: m.state_dict() for n, m in modules.items()},
                         "optimizers": [o.state_dict() for o in optimizers],
                         "schedules": [s.state_dict() for s in schedules],
+                        "members": {n: {"best": m.best, "last": m.last, "best_epoch": m.result.best_epoch,
+                                        "history": m.result.history} for n, m in tracked.items()},
+                        "rng": rng_state(),
                     })
             if cfg["on_epoch_end"] is not None:
                 cfg["on_epoch_end"](row)
@@ -420,6 +428,28 @@ def _cohort_epochs(
         if maximize:
             result.best_acc, result.last_acc = top.best, top.last
     return result
+
+
+def _restore_cohort(state: dict[str, Any], modules: dict[str, nn.Module], optimizers: list[torch.optim.Optimizer],
+                    schedules: list[Schedule], tracked: dict[str, _Member], result: CohortFitResult) -> int:
+    """Load a cohort ``last.pt`` into the loop's pieces; returns the epoch to start from."""
+    if "rng" not in state or set(state["models"]) != set(modules) or len(state["optimizers"]) != len(optimizers):
+        raise ValueError(f"the checkpoint to resume from is not this cohort's (models {sorted(state['models'])}, "
+                         f"{len(state['optimizers'])} optimizers; this run has {sorted(modules)}, {len(optimizers)}), "
+                         "or was written by a version that could not resume")
+    for name, module in modules.items():
+        module.load_state_dict(state["models"][name])
+    for opt, saved in zip(optimizers, state["optimizers"]):
+        opt.load_state_dict(saved)
+    for sched, saved in zip(schedules, state["schedules"]):
+        sched.load_state_dict(saved)
+    for name, saved in state["members"].items():
+        member = tracked[name]
+        member.best, member.last, member.result.best_epoch = saved["best"], saved["last"], saved["best_epoch"]
+        member.result.history = list(saved["history"])
+    result.history = list(state["history"])
+    set_rng_state(state["rng"])
+    return int(state["epoch"]) + 1
 
 
 def _accuracy_eval(models: dict[str, nn.Module], val_loader: Iterable[Any] | None) -> EvalFn | None:

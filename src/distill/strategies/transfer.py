@@ -37,6 +37,7 @@ from distill.data.augment import mix_seed
 from distill.data.loader import GlobalBatchShards, InMemoryLoader, in_memory_tensors
 from distill.distiller import Distiller
 from distill.methods.base import Method, Paper, create_method
+from distill.strategies.chain import check_stage_resume
 from distill.strategies.registry import as_model, register_strategy
 from distill.taps import logits_of
 from distill.teachers import (
@@ -170,9 +171,11 @@ def _result(cls: type, result: FitResult, **extra: Any) -> Any:
     return cls(**{f.name: getattr(result, f.name) for f in fields(FitResult)}, **extra)
 
 
-def _without(fit_kwargs: dict[str, Any], who: str) -> dict[str, Any]:
-    if fit_kwargs.get("resume"):
-        raise ValueError(f"{who} cannot resume: its generated training set is not checkpointed")
+def _resumable(fit_kwargs: dict[str, Any], who: str, run_dir: str | Path | None) -> dict[str, Any]:
+    """``fit_kwargs`` of a strategy whose data (a transfer set, pseudo-labels) is a pure function of its
+    seed, its data and its teacher: a resumed run rebuilds the same set, and each ``fit`` resumes
+    from its folder (:func:`~distill.strategies.chain.check_stage_resume`)."""
+    check_stage_resume(fit_kwargs, who, run_dir)
     return fit_kwargs
 
 
@@ -302,7 +305,7 @@ def fit_model_compression(
     if loss not in ("mse", "kd"):
         raise ValueError(f"loss must be 'mse' (the paper's) or 'kd'; got {loss!r}")
     method = ProbabilityRegression() if loss == "mse" else create_method("kd", T=T)
-    fit_kwargs = _without(fit_kwargs, "fit_model_compression")
+    fit_kwargs = _resumable(fit_kwargs, "fit_model_compression", run_dir)
     x, _, settings = in_memory_tensors(train_loader, "fit_model_compression")
     size = _batch_size(batch_size, settings)
     synthetic = transfer_set(x, generator, multiplier=multiplier, p=p, s=s, nominal=nominal,
@@ -381,7 +384,7 @@ def fit_cmm(
         raise ValueError(f"label_rule must be 'vote' (bagging's, the paper's) or 'mean'; got {label_rule!r}")
     if label_rule == "vote":
         _members(source)  # its clear error for a source without members, before any work
-    fit_kwargs = _without(fit_kwargs, "fit_cmm")
+    fit_kwargs = _resumable(fit_kwargs, "fit_cmm", run_dir)
     x, y, settings = _labelled(train_loader, "fit_cmm")
     size = _batch_size(batch_size, settings)
     synthetic = transfer_set(x, generator, multiplier=multiplier, p=p, s=s, nominal=nominal,
@@ -554,7 +557,9 @@ def fit_co_training(
         raise ValueError(f"views must be two views (names or callables); got {views!r}")
     for view in views:
         _check_view(view)
-    fit_kwargs = _without(fit_kwargs, "fit_co_training")
+    if fit_kwargs.get("resume"):
+        raise ValueError("fit_co_training cannot resume: its rounds' classifiers and labelled pool are not "
+                         "checkpointed (each round retrains from the initial weights)")
     x_l, y_l, settings = _labelled(train_loader, "fit_co_training")
     x_u = _unlabeled(unlabeled, x_l, "fit_co_training")
     if isinstance(student, (list, tuple)):
@@ -787,7 +792,7 @@ def fit_data_distillation(
     if teacher_epochs is not None:
         _count("teacher_epochs", teacher_epochs)
     _check_student(student)
-    fit_kwargs = _without(fit_kwargs, "fit_data_distillation")
+    fit_kwargs = _resumable(fit_kwargs, "fit_data_distillation", run_dir)
     x_l, y_l, settings = _labelled(train_loader, "fit_data_distillation")
     x_u = _unlabeled(unlabeled, x_l, "fit_data_distillation")
     if x_u.dim() != 4:
