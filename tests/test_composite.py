@@ -380,3 +380,21 @@ def test_dense_target_errors(call, match):
     img = torch.rand(2, 1, 8, 8)
     with pytest.raises(ValueError, match=match):
         call(img)
+
+
+def test_built_dense_heads_start_small_like_pose_heads():
+    """Every branch's added head starts as SimpleBaseline's / HRNet's final layers: weights of std
+    0.001 and zero biases, the copies' heads too after their re-initialisation."""
+    x = torch.randn(4, 1, 8, 8)
+    torch.manual_seed(0)
+    net = multi_branch_from_model("cnn_digits_student", split="stage1", until="stage3", branches=3,
+                                  out_channels=10, out_size=(8, 8), example=x)
+    for branch in net.branches:
+        head = branch[-1]
+        weights = [m.weight for m in head.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+        assert weights and all(0.0005 < float(w.detach().std()) < 0.002 for w in weights)
+        assert all(float(m.bias.detach().abs().max()) == 0.0 for m in head.modules()
+                   if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) and m.bias is not None)
+    first, second = ([m.weight for m in b[-1].modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))][0]
+                     for b in net.branches[:2])
+    assert not torch.equal(first, second)  # small, but drawn independently

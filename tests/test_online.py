@@ -591,3 +591,15 @@ def test_cohort_resumes_where_the_interrupted_run_stopped(strategy, tmp_path):
         other = fit_okddip if strategy == "dml" else fit_dml
         other(lambda: create("cnn_digits_student"), InMemoryLoader(x, y, 32, seed=1), epochs=3,
               run_dir=tmp_path / "cut", resume=True, progress=False, num_models=2 if strategy == "okddip" else 3)
+
+
+def test_every_cohort_member_reports_its_scores():
+    torch.manual_seed(0)
+    x, maps = _dense_data()
+    result = fit_okdhp(_dense_net(), InMemoryLoader(x, maps, 32, seed=0),
+                       InMemoryLoader(x[:32], maps[:32], 32, shuffle=False), epochs=2, optimizer="adam", lr=1e-2,
+                       rampup_epochs=1, progress=False)
+    for name, member in result.members.items():
+        assert member.last_score == result.history[-1][f"val_{name}_mse"]
+        assert member.best_score == min(row[f"val_{name}_mse"] for row in result.history)
+        assert member.best_acc is None

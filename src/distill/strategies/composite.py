@@ -274,6 +274,18 @@ def _reinitialise(module: nn.Module, what: str) -> nn.Module:
     return module
 
 
+def _small_init(head: nn.Module) -> nn.Module:
+    """The pose heads' final-layer initialisation (SimpleBaseline's and HRNet's code, on which OKDHP's
+    builds): convolution weights N(0, 0.001²), biases 0, so the first maps are near zero rather than
+    PyTorch's default-initialised outputs, which a short run would spend its steps shrinking."""
+    for m in head.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(m.weight, std=0.001)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return head
+
+
 def multi_branch_from_model(model: ModelSpec, *, split: str, branches: int = 3, until: str | None = None,
                             out_channels: int | None = None, out_size: Sequence[int] | None = None, example: Any,
                             mid_channels: int = 64) -> MultiBranchNet:
@@ -287,8 +299,9 @@ def multi_branch_from_model(model: ModelSpec, *, split: str, branches: int = 3, 
     (B, C_f, H_f, W_f) is not already the maps asked for, (B, ``out_channels``, *``out_size``): a
     1x1 convolution to C maps at the same resolution, or one convolution that also resamples
     (:func:`~distill.adapters.resampling_conv`: a transposed convolution for an integer upsampling
-    factor, where SimpleBaseline-style pose heads stack deconvolutions). The feature aggregation
-    unit is built for the trunk's output channels and the C maps.
+    factor, where SimpleBaseline-style pose heads stack deconvolutions), initialised as those heads
+    are (weights N(0, 0.001²), biases 0). The feature aggregation unit is built for the trunk's
+    output channels and the C maps.
 
     Args:
         model: a model, zero-argument factory, zoo name or zoo spec
@@ -340,8 +353,11 @@ def multi_branch_from_model(model: ModelSpec, *, split: str, branches: int = 3, 
                                where=f"branch feature {tuple(feature.shape)} -> maps {(c_out, *hw_out)}")
     elif c_out != c_in:
         head = nn.Conv2d(c_in, c_out, 1)
-    first = _piece(pieces, 1, last=head.to(feature.device) if head is not None else None)
+    first = _piece(pieces, 1, last=_small_init(head).to(feature.device) if head is not None else None)
     others = [_reinitialise(copy.deepcopy(first), f"branch {i}") for i in range(1, branches)]
+    if head is not None:
+        for branch in others:
+            _small_init(branch[-1])  # the head is the last module of each branch
     fau = FeatureAggregationUnit(int(trunk_out.shape[1]), branches, c_out, mid_channels).to(trunk_out.device)
     return MultiBranchNet(_piece(pieces, 0), [first, *others], fau)
 

@@ -193,14 +193,15 @@ def _restore_modes(modes: dict[nn.Module, bool]) -> None:
 class CohortFitResult(FitResult):
     """:class:`~distill.train.loop.FitResult` of the delivered model plus every member's.
 
-    ``members``: name → its own result (``best_acc`` / ``last_acc`` for classifiers; for dense
-    members ``best_score`` / ``last_score`` hold the validation MSE and ``best_acc`` stays ``None``).
+    ``members``: name → its own result, a ``CohortFitResult`` without members or models:
+    ``best_score`` / ``last_score`` (and ``best_acc`` / ``last_acc`` for classifiers) its validation
+    score; for dense members the validation MSE, with ``best_acc`` left ``None``.
     ``models``: name → the trained module. ``delivered``: the member the top-level fields describe.
     ``best_score`` / ``last_score``: the delivered member's validation score (its accuracy, or its
     MSE for dense outputs).
     """
 
-    members: dict[str, FitResult] = field(default_factory=dict)
+    members: dict[str, CohortFitResult] = field(default_factory=dict)
     models: dict[str, nn.Module] = field(default_factory=dict)
     delivered: str = ""
     best_score: float | None = None
@@ -209,7 +210,7 @@ class CohortFitResult(FitResult):
 
 @dataclass
 class _Member:
-    result: FitResult = field(default_factory=FitResult)
+    result: CohortFitResult = field(default_factory=CohortFitResult)
     best: float | None = None
     last: float | None = None
 
@@ -419,6 +420,7 @@ def _cohort_epochs(
     if info.enabled:
         D.barrier()  # every rank leaves once rank 0 has written its files
     for name, member in tracked.items():
+        member.result.best_score, member.result.last_score = member.best, member.last
         if maximize:
             member.result.best_acc, member.result.last_acc = member.best, member.last
         result.members[name] = member.result
