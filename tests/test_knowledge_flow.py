@@ -7,6 +7,7 @@ on digits with two student families, and argument errors before any training.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import pytest
@@ -156,7 +157,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_a_short_run_lowers_the_loss_and_delivers_the_student_alone(digits, name):
+def test_a_short_run_lowers_the_loss_and_delivers_the_student_alone(digits, name, tmp_path):
     train, val, teachers = digits
     model, kwargs = CASES[name]
     student = model()
@@ -165,7 +166,9 @@ def test_a_short_run_lowers_the_loss_and_delivers_the_student_alone(digits, name
     hooks = [t.register_forward_hook(lambda *_: calls.append(1)) for t in teachers]
     torch.manual_seed(0)
     result = fit_knowledge_flow(student, train, val, teacher=teachers, epochs=4, progress=False, lr=0.05,
-                                schedule="constant", dependency_weight=5.0, **kwargs)
+                                schedule="constant", dependency_weight=5.0, run_dir=tmp_path, **kwargs)
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["val_independent_acc"] for row in logged] == [row["val_independent_acc"] for row in result.history]
     assert isinstance(result, KnowledgeFlowResult) and result.student is student
     losses = [row["train_loss"] for row in result.history]
     assert losses[-1] < losses[0], losses

@@ -60,8 +60,9 @@ from distill.strategies.chain import (
 from distill.strategies.registry import register_strategy
 from distill.taps import TapError, Taps, logits_of, resolve
 from distill.teachers import FrozenTeacher
+from distill.train.distributed import is_main_process
 from distill.train.evaluate import evaluate
-from distill.train.loop import FitResult, fit
+from distill.train.loop import EpochLog, FitResult, fit
 
 __all__ = ["FlowDependency", "FlowKL", "KnowledgeFlowNet", "KnowledgeFlowResult", "fit_knowledge_flow"]
 
@@ -421,6 +422,8 @@ def fit_knowledge_flow(
 
     result = fit(distiller, train_loader, val_loader, epochs=epochs, run_dir=run_dir, seed=seed, progress=progress,
                  on_epoch_end=on_epoch_end, **kwargs)
+    # fit logged each row before on_epoch_end added the student-alone accuracy: write them again, complete
+    EpochLog(result, run_dir, write=is_main_process()).begin()
     weights = net.weights().detach().cpu().tolist()
     net.detach()
     out = KnowledgeFlowResult(history=result.history, run_dir=result.run_dir, flow_best_acc=result.best_acc,
