@@ -166,9 +166,26 @@ def _born_again():
     return _params(*r.models), r.history
 
 
+def _knowledge_condensation():
+    """KCD's condensed sets (not a registered strategy, ``fit_condensed``): the ranks keep one KCD
+    record, so every rank condenses to the set one process would."""
+    from distill import Distiller
+    from distill.methods.condensation import KCD
+    from distill.strategies.condense import fit_condensed
+
+    x, y, xv, yv = _digits()
+    torch.manual_seed(0)
+    student, teacher = _mlp(), _mlp()
+    d = Distiller(student, teacher, {"ce": 0.1, "kcd": KCD(T=4.0, weight=0.9)})
+    r = fit_condensed(d, (x, y), InMemoryLoader(xv, yv, 64, shuffle=False), epochs=3, condense_every=1,
+                      keep_ratio=0.6, batch_size=32, **RUN_KW)
+    return [*_params(student), r.keep_index.float()], r.history
+
+
 EQUIVALENT = {"dml": _dml, "okddip": _okddip, "rocket_launching": _rocket, "okdhp": _okdhp,
               "co_training": _co_training, "mean_teacher": _mean_teacher, "data_distillation": _data_distillation,
-              "model_compression": _model_compression, "takd": _takd, "born_again": _born_again}
+              "model_compression": _model_compression, "takd": _takd, "born_again": _born_again,
+              "knowledge_condensation": _knowledge_condensation}
 
 
 def _recipes() -> dict[str, dict]:

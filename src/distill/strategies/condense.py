@@ -66,7 +66,10 @@ class CondensedLoader:
     boundary up to epoch ``e``, then selects ``e``'s sample order. Batches carry ``index``: the
     sample's position in the *full* training data, so the KCD record and other per-sample state
     (CRD's memory banks) keep their meaning when the set changes. The loader has no ``targets``
-    attribute on purpose: ``fit`` would bind the methods to the condensed set's size.
+    attribute on purpose: ``fit`` would bind the methods to the condensed set's size; ``index_space``
+    (the full data's size) tells it the range of the indices instead. Under torchrun
+    (``set_shard``) every condensed set is sharded like an :class:`~distill.data.loader.InMemoryLoader`;
+    ``fit`` keeps the KCD record equal on every rank, so every rank condenses to the same set.
 
     Args:
         inputs, targets: the full training data (N, ...) and (N,) (or ``None``); never modified.
@@ -90,12 +93,14 @@ class CondensedLoader:
         self._loader_kwargs: dict[str, Any] = {"batch_size": batch_size, "shuffle": shuffle, "drop_last": drop_last,
                                                "augment": augment, "seed": seed, "return_index": True}
         self.stage = 0
+        self.shard: tuple[int, int, str] = (0, 1, "batch")
         self.index = torch.arange(self.inputs.shape[0], device=self.inputs.device)
         self._loader = self._make_loader(self.inputs, self.labels)
         self.stages = [StageInfo(0, 0, int(self.inputs.shape[0]), 0)]
 
     def _make_loader(self, x: Tensor, y: Tensor | None) -> InMemoryLoader:
         loader = InMemoryLoader(x, y, **self._loader_kwargs)
+        loader.set_shard(*self.shard)
         if len(loader) == 0:
             raise ValueError(
                 f"the condensed set of {x.shape[0]} samples makes no batch of {loader.batch_size} with "
@@ -107,6 +112,16 @@ class CondensedLoader:
     def num_samples(self) -> int:
         """Size of the current condensed set."""
         return int(self.index.numel())
+
+    @property
+    def index_space(self) -> int:
+        """Size of the full training data: the batches' ``index`` lies in ``[0, index_space)``."""
+        return int(self.inputs.shape[0])
+
+    def set_shard(self, rank: int, world_size: int, split: str = "batch") -> None:
+        """Yield only rank ``rank``'s part of each condensed set (this one and the ones to come)."""
+        self._loader.set_shard(rank, world_size, split)  # checks the arguments
+        self.shard = (rank, world_size, split)
 
     def condense(self, num_keep: int, start_epoch: int) -> StageInfo:
         """The E-step: rank, keep ``num_keep`` samples, summarise K_1L with K_0; returns the new stage."""

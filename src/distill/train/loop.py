@@ -248,7 +248,9 @@ def _fit(distiller: Any, train_loader: Iterable[Any], val_loader: Iterable[Any] 
     run_path = Path(run_dir) if run_dir is not None else None
 
     all_targets = getattr(train_loader, "targets", None)
-    num_samples = int(all_targets.shape[0]) if isinstance(all_targets, torch.Tensor) else None
+    # the range of the batches' sample indices: per-sample state has one row for each (DDP keeps it in step)
+    num_samples = int(all_targets.shape[0]) if isinstance(all_targets, torch.Tensor) else \
+        getattr(train_loader, "index_space", None)
     if isinstance(all_targets, torch.Tensor) and hasattr(distiller, "bind_data"):
         distiller.bind_data(int(all_targets.shape[0]), all_targets)
     example = _first_batch(train_loader).to(device)
