@@ -178,22 +178,27 @@ def main_process_first(device: torch.device | str | None = None) -> Iterator[boo
         barrier()
 
 
+def _world() -> int:
+    """The process group's size (1 when none is initialised)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def barrier() -> None:
     """Wait for every rank (nothing to wait for in a single-process run)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _world() > 1:
         dist.barrier()
 
 
 def all_reduce_sum(tensor: Tensor) -> Tensor:
     """Sum ``tensor`` over the ranks, in place (unchanged in a single-process run); returns it."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _world() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank ``src``'s ``obj`` (any picklable object) on every rank."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if _world() == 1:
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=src)
@@ -202,15 +207,11 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 def all_gather_object(obj: Any) -> list[Any]:
     """Every rank's ``obj``, in rank order (``[obj]`` in a single-process run)."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if _world() == 1:
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 @torch.no_grad()
