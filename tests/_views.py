@@ -53,3 +53,19 @@ def prepare_and_snapshot(distiller, method, loader) -> tuple[list, list]:  # typ
     params = list(method.parameters())
     assert params and all(any(p is q for q in distiller.trainable_parameters()) for p in params)
     return params, [p.detach().clone() for p in params]
+
+
+def prepare_checked(method, student: dict, teacher: dict, batch: Batch) -> list:  # type: ignore[no-untyped-def]
+    """Prepare a method that builds parts from the views' shapes, checking it refuses to run before
+    and that a second prepare keeps the same parts; returns its named parameters."""
+    import pytest
+
+    assert method.requires_prepare
+    with pytest.raises(RuntimeError, match="prepare"):
+        method(student, teacher, batch)
+    with torch.no_grad():
+        method.prepare(student, teacher, batch)
+    params = list(method.named_parameters())
+    method.prepare(student, teacher, batch)  # idempotent: the same parts
+    assert [id(p) for _, p in method.named_parameters()] == [id(p) for _, p in params]
+    return params

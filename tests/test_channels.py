@@ -20,7 +20,7 @@ from distill import functional as DF
 from distill.adapters import ShapeMismatchError
 from distill.methods import CWD, MGD, SemCKD, SimKD, create_method, list_methods, method_info
 from distill.models import create
-from _views import CNN_PAIRS, cnn_views, prepare_and_snapshot, tiny_loader
+from _views import CNN_PAIRS, cnn_views, prepare_and_snapshot, prepare_checked, tiny_loader
 
 SETTINGS = settings(max_examples=25, deadline=None)
 NEW = ("cwd", "mgd", "simkd", "semckd")
@@ -206,14 +206,7 @@ def make_views(seed: int = 0):
 def test_method_forward_gradients_reach_student_and_parts_never_teacher(name):
     student, teacher, batch = make_views()
     m = create_method(name)
-    assert m.requires_prepare
-    with pytest.raises(RuntimeError, match="prepare"):
-        m(student, teacher, batch)
-    with torch.no_grad():
-        m.prepare(student, teacher, batch)
-    params = list(m.named_parameters())
-    m.prepare(student, teacher, batch)  # idempotent: the same parts
-    assert [id(p) for _, p in m.named_parameters()] == [id(p) for _, p in params]
+    params = prepare_checked(m, student, teacher, batch)
     loss = m(student, teacher, batch)
     assert loss.dim() == 0 and torch.isfinite(loss) and loss.item() >= 0
     loss.backward()

@@ -15,7 +15,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from _views import CNN_PAIRS, cnn_views, prepare_and_snapshot, tiny_loader
+from _views import CNN_PAIRS, cnn_views, prepare_and_snapshot, prepare_checked, tiny_loader
 from torch import nn
 
 import distill
@@ -181,14 +181,7 @@ def test_decisions_are_per_sample_and_per_spot_and_come_from_the_methods_generat
 def test_gradients_reach_student_adapters_and_policy_never_teacher():
     student, teacher, batch = make_views()
     m = create_method("spot_adaptive", routing=False, hard=False)
-    assert m.requires_prepare
-    with pytest.raises(RuntimeError, match="prepare"):
-        m(student, teacher, batch)
-    with torch.no_grad():
-        m.prepare(student, teacher, batch)
-    params = list(m.named_parameters())
-    m.prepare(student, teacher, batch)  # idempotent
-    assert [id(p) for _, p in m.named_parameters()] == [id(p) for _, p in params]
+    params = prepare_checked(m, student, teacher, batch)
     m.train()
     loss = m(student, teacher, batch)
     assert loss.dim() == 0 and torch.isfinite(loss) and loss.item() >= 0

@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from _views import CNN_PAIRS, cnn_views, prepare_and_snapshot, tiny_loader
+from _views import CNN_PAIRS, cnn_views, prepare_and_snapshot, prepare_checked, tiny_loader
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -284,14 +284,7 @@ def make_views(seed: int = 0):
 def test_gradients_reach_student_and_embeddings_never_teacher(query):
     student, teacher, batch = make_views()
     m = create_method("tat", query=query)
-    assert m.requires_prepare
-    with pytest.raises(RuntimeError, match="prepare"):
-        m(student, teacher, batch)
-    with torch.no_grad():
-        m.prepare(student, teacher, batch)
-    params = list(m.named_parameters())
-    m.prepare(student, teacher, batch)  # idempotent
-    assert [id(p) for _, p in m.named_parameters()] == [id(p) for _, p in params]
+    params = prepare_checked(m, student, teacher, batch)
     assert {n.split(".")[0] for n, _ in params} == {"theta", "gamma", "phi"}
     loss = m(student, teacher, batch)
     assert loss.dim() == 0 and torch.isfinite(loss) and loss.item() >= 0

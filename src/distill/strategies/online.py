@@ -47,6 +47,7 @@ from distill.train import distributed as D
 from distill.train.checkpoint import rng_state, save_checkpoint, set_rng_state
 from distill.train.evaluate import evaluate
 from distill.train.loop import (
+    EpochLosses,
     FitResult,
     NonFiniteLossError,
     _load_resume,
@@ -351,7 +352,7 @@ def _cohort_epochs(
             for module in modules.values():
                 module.train()
             bar.start_epoch(epoch)
-            total_sum, sums, n_steps = torch.zeros((), device=device), {}, 0
+            losses = EpochLosses(device)
             for i, raw in enumerate(train_loader):
                 batch = as_batch(raw).to(device, non_blocking=True)
                 updater.where = f"epoch {epoch} step {i}"
@@ -363,21 +364,12 @@ def _cohort_epochs(
                 total, parts = step(batch, epoch, updater)
                 for s in schedules:
                     s.step_batch()
-                total_sum += total.detach() * share
-                for k, v in parts.items():
-                    sums[k] = sums[k] + v.detach() * share if k in sums else v.detach() * share
-                n_steps += 1
+                losses.add(total, parts, share)
                 bar.advance(float(total) if bar.wants_loss(i) else None)
-            if n_steps == 0:
-                raise ValueError("the training loader yielded no batch")
-            if info.enabled:  # every rank's share of each step: the global batch's losses
-                keys = list(sums)
-                summed = D.all_reduce_sum(torch.stack([total_sum, *(sums[k] for k in keys)]))
-                total_sum, sums = summed[0], dict(zip(keys, summed[1:]))
-                D.broadcast_state(modules.values(), buffers_only=True)
             row: dict[str, Any] = {"epoch": epoch, "lr": optimizers[0].param_groups[0]["lr"],
-                                   "train_loss": float(total_sum) / n_steps,
-                                   **{f"train_{k}": float(v) / n_steps for k, v in sums.items()}}
+                                   **losses.means(info.enabled)}
+            if info.enabled:
+                D.broadcast_state(modules.values(), buffers_only=True)
             for s in schedules:
                 s.step_epoch()
             if evaluate_fn is not None:

@@ -6,6 +6,7 @@ from distill.train.checkpoint import load_checkpoint, save_checkpoint
 from distill.train.evaluate import evaluate
 from distill.train.loop import (
     EpochLog,
+    EpochLosses,
     FitProgress,
     FitResult,
     LabelRangeError,
@@ -16,6 +17,7 @@ from distill.train.stages import fit_hint_stage
 
 __all__ = [
     "EpochLog",
+    "EpochLosses",
     "FitProgress",
     "FitResult",
     "LabelRangeError",

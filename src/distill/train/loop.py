@@ -27,7 +27,7 @@ from distill.train.checkpoint import (
 from distill.train.evaluate import evaluate
 from distill.train.schedules import Schedule, make_optimizer
 
-__all__ = ["EpochLog", "FitProgress", "FitResult", "LabelRangeError", "NonFiniteLossError", "fit",
+__all__ = ["EpochLog", "EpochLosses", "FitProgress", "FitResult", "LabelRangeError", "NonFiniteLossError", "fit",
            "seed_everything"]
 
 UNLABELED = -1  # the label of a sample without one (semi-supervised loaders); checks skip it
@@ -307,9 +307,7 @@ def _fit(distiller: Any, train_loader: Iterable[Any], val_loader: Iterable[Any] 
                 D.set_loader_epoch(train_loader, epoch)
                 distiller.set_epoch(epoch, epochs)
                 distiller.train()
-                sums: dict[str, torch.Tensor] = {}
-                total_sum = torch.zeros((), device=device)
-                n_steps = 0
+                losses = EpochLosses(device)
                 bar.start_epoch(epoch)
                 for step, raw in enumerate(train_loader):
                     batch = as_batch(raw).to(device, non_blocking=True)
@@ -346,26 +344,11 @@ def _fit(distiller: Any, train_loader: Iterable[Any], val_loader: Iterable[Any] 
                     else:
                         distiller.step_end()
                     sched.step_batch()
-                    total_sum += out.total.detach().float() * share
-                    for k, v in out.parts.items():
-                        v = v.float() * share
-                        sums[k] = sums[k] + v if k in sums else v.clone()
-                    n_steps += 1
+                    losses.add(out.total, out.parts, share)
                     bar.advance(float(out.total) if bar.wants_loss(step) else None)
                 epoch_lr = opt.param_groups[0]["lr"]  # the rate the epoch trained at (its last step's)
                 sched.step_epoch()
-                if n_steps == 0:
-                    raise ValueError("the training loader yielded no batch")
-                if info.enabled:  # every rank's share of each step: the global batch's losses
-                    keys = list(sums)
-                    summed = D.all_reduce_sum(torch.stack([total_sum, *(sums[k] for k in keys)]))
-                    total_sum, sums = summed[0], dict(zip(keys, summed[1:]))
-                row: dict[str, Any] = {
-                    "epoch": epoch,
-                    "lr": epoch_lr,
-                    "train_loss": float(total_sum) / n_steps,
-                    **{f"train_{k}": float(v) / n_steps for k, v in sums.items()},
-                }
+                row: dict[str, Any] = {"epoch": epoch, "lr": epoch_lr, **losses.means(info.enabled)}
                 for name, m in distiller.methods.items():
                     for key, value in getattr(m, "log_values", dict)().items():
                         row[f"{name}_{key}"] = value
@@ -421,6 +404,39 @@ def _raise_non_finite(out: Any, epoch: int, step: int, ckpt_dir: Path | None) ->
         f"loss became non-finite at epoch {epoch} step {step}: {where}; the step was not applied. "
         + (f"Last good checkpoint: {last}" if last else "No checkpoint was written yet.")
     )
+
+
+class EpochLosses:
+    """An epoch's mean training losses, for ``fit`` and training loops of their own.
+
+    :meth:`add` takes each step's total and parts (scalar tensors) weighted by ``share``, this rank's
+    part of the step's global batch (1 alone); :meth:`means` sums the ranks' shares under DDP (one
+    all-reduce) and returns ``train_loss`` and ``train_<part>``, averaged over the steps. The sums
+    stay on the device: no step waits for them.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.total = torch.zeros((), device=device)
+        self.parts: dict[str, torch.Tensor] = {}
+        self.steps = 0
+
+    def add(self, total: torch.Tensor, parts: dict[str, torch.Tensor], share: float = 1.0) -> None:
+        self.total += total.detach().float() * share
+        for k, v in parts.items():
+            v = v.detach().float() * share
+            self.parts[k] = self.parts[k] + v if k in self.parts else v
+        self.steps += 1
+
+    def means(self, distributed: bool = False) -> dict[str, float]:
+        if self.steps == 0:
+            raise ValueError("the training loader yielded no batch")
+        total, parts = self.total, self.parts
+        if distributed:  # every rank's share of each step: the global batch's losses
+            keys = list(parts)
+            summed = D.all_reduce_sum(torch.stack([total, *(parts[k] for k in keys)]))
+            total, parts = summed[0], dict(zip(keys, summed[1:]))
+        return {"train_loss": float(total) / self.steps, **{f"train_{k}": float(v) / self.steps
+                                                             for k, v in parts.items()}}
 
 
 class EpochLog:
