@@ -39,7 +39,8 @@ from distill.data import (
 )
 from distill.data.augment import Mixup, SampleKeys
 from distill.models import create
-from distill.teachers import FrozenTeacher, list_teacher_sources
+from distill.cache import list_teacher_sources
+from distill.teachers import FrozenTeacher
 
 
 class Lookup(nn.Module):

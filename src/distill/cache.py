@@ -56,14 +56,15 @@ import math
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from distill.batch import Batch, View
-from distill.data.augment import KEY_DERIVATION, Augment, augmented_views, split_mixup
+from distill.data.augment import KEY_DERIVATION, Augment, augmented_views
+from distill.papers import Paper
 from distill.teachers import (
     EnsembleTeacher,
     FrozenTeacher,
@@ -72,9 +73,6 @@ from distill.teachers import (
     check_logits,
 )
 
-if TYPE_CHECKING:
-    from distill.recipes import Recipe
-
 __all__ = [
     "CacheError",
     "CacheMismatchError",
@@ -82,6 +80,7 @@ __all__ = [
     "TeacherCache",
     "build_cache",
     "data_fingerprint",
+    "list_teacher_sources",
     "open_cache",
     "replay_views",
     "teacher_fingerprint",
@@ -817,63 +816,21 @@ class CachedTeacher(TeacherSource):
         return f"path={str(self.cache.path)!r}, epoch={self.epoch}"
 
 
-# ----------------------------------------------------------------------------------- recipes
-
-
-def teacher_taps_of(losses: dict[str, dict[str, Any]]) -> list[str]:
-    """The teacher taps the recipe's losses read (what a cache must hold for them)."""
-    from distill.methods import create_method
-
-    paths: dict[str, None] = {}
-    for name, kw in losses.items():
-        m = create_method(name, **kw)
-        if m.needs_teacher:
-            paths.update(dict.fromkeys(m.teacher_taps))
-    return list(paths)
-
-
-def recipe_cached_teacher(recipe: Recipe, losses: dict[str, dict[str, Any]], teacher: TeacherSource, loader: Any,
-                          *, progress: bool = True) -> CachedTeacher:
-    """The cached teacher a recipe's ``teacher.cache`` asks for: built on first use from ``teacher``
-    over ``loader``'s data and augmentation, checked against both on every later use."""
-    from distill.recipes import RecipeError
-    from distill.runner import _device, _teacher_temperatures
-
-    assert recipe.teacher is not None and recipe.teacher.cache is not None
-    spec = recipe.teacher.cache
-    path = Path(spec.path)
-    stages = [recipe.train.epochs] + ([recipe.hint_stage.train.epochs] if recipe.hint_stage is not None else [])
-    augmented = spec.views == "augmented" and loader.augment is not None
-    if not augmented and isinstance(loader.augment, Augment) and split_mixup(loader.augment)[1] is not None:
-        # crops keep most of a sample ("global" soft labels, FKD); a mixed view is two samples
-        raise RecipeError("teacher.cache: views 'plain' stores the teacher's outputs on un-mixed inputs, but "
-                          "data.augment.mixup_alpha mixes every view with another sample: use views 'augmented'")
-    if not (path / MANIFEST).exists():
-        temps = sorted(set(_teacher_temperatures(losses)))
-        temperature = spec.temperature
-        if temperature is None:
-            if spec.topk is not None and len(temps) > 1:
-                raise RecipeError(f"teacher.cache: the losses use temperatures {temps}; a top-k cache's tail is exact at "
-                                  "one: set teacher.cache.temperature")
-            temperature = temps[0] if temps else 1.0
-        taps = spec.taps if spec.taps is not None else teacher_taps_of(losses)
-        loader.augment_seed = spec.augment_seed
-        build_cache(teacher, loader.inputs, path, targets=loader.targets, topk=spec.topk, dtype=spec.dtype,
-                    temperature=temperature, augment=loader.augment if augmented else None,
-                    epochs=(spec.epochs or max(stages)) if augmented else None, augment_seed=spec.augment_seed,
-                    taps=taps, batch_size=max(256, getattr(loader, "batch_size", 256)), device=_device(recipe.train),
-                    progress=progress)
-    cached = CachedTeacher(path, teacher=teacher, verify=spec.verify, check_inputs=augmented or loader.augment is None)
-    if cached.cache.views != ("augmented" if augmented else "plain"):
-        raise RecipeError(f"teacher.cache: {str(path)!r} holds {cached.cache.views} views, the recipe asks for "
-                          f"{'augmented' if augmented else 'plain'} ones: delete it or change teacher.cache.views")
-    if augmented and (cached.cache.epochs or 0) < max(stages):
-        raise RecipeError(f"teacher.cache: {str(path)!r} covers {cached.cache.epochs} epoch(s) of augmented views, the "
-                          f"recipe trains {max(stages)}: delete it to rebuild, or build it with --epochs {max(stages)}")
-    if cached.cache.topk is not None and cached.cache.topk < cached.cache.num_classes:
-        off = [T for T in _teacher_temperatures(losses) if T != cached.cache.temperature]
-        if off:
-            raise RecipeError(f"teacher.cache: {str(path)!r} stores top-{cached.cache.topk} logits with the tail exact "
-                              f"at T={cached.cache.temperature:g}, but the losses use T={sorted(set(off))}")
-    cached.prepare_loader(loader)
-    return cached
+def list_teacher_sources() -> list[dict[str, Any]]:
+    """Teacher sources with the papers they implement, for ``distill methods``."""
+    return [
+        {"name": "frozen", "cls": FrozenTeacher, "papers": [], "summary": "one trained model, frozen in eval mode"},
+        {"name": "ensemble", "cls": EnsembleTeacher, "summary": "mean of members' probabilities or logits",
+         "papers": [Paper("Distilling the Knowledge in a Neural Network", "G. Hinton, O. Vinyals, J. Dean", 2015,
+                          "1503.02531"),
+                    Paper("Using a Neural Network to Approximate an Ensemble of Classifiers",
+                          "X. Zeng, T. R. Martinez", 2000, None, "Neural Processing Letters")],
+         "defaults": {"combine": "probs", "temperature": 1.0, "weights": None}},
+        {"name": "cached", "cls": CachedTeacher,
+         "summary": "the teacher's outputs stored once per sample and augmented view, read by sample index",
+         "papers": [Paper("A Fast Knowledge Distillation Framework for Visual Recognition", "Z. Shen, E. Xing", 2022,
+                          "2112.01528", "ECCV"),
+                    Paper("TinyViT: Fast Pretraining Distillation for Small Vision Transformers",
+                          "K. Wu, J. Zhang, H. Peng, M. Liu, B. Xiao, J. Fu, L. Yuan", 2022, "2207.10666", "ECCV")],
+         "defaults": {"topk": None, "dtype": "fp32", "views": "augmented", "verify": "open"}},
+    ]

@@ -17,7 +17,7 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from distill.methods import list_methods
-    from distill.teachers import list_teacher_sources
+    from distill.cache import list_teacher_sources
 
     infos = list_methods(args.family)
     sources = [s for s in list_teacher_sources() if s["papers"]] if args.family in (None, "teacher-source") else []

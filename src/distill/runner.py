@@ -242,8 +242,6 @@ def run_recipe(recipe: Recipe, *, out_dir: str | Path | None = None, progress: b
         else:
             teacher = EnsembleTeacher(teacher_models, combine=t.combine, temperature=t.temperature, metadata=metadata)
         if t.cache is not None:
-            from distill.cache import recipe_cached_teacher
-
             with main_process_first(_device(recipe.train)):  # rank 0 builds the cache, the others then open it
                 teacher = recipe_cached_teacher(recipe, losses, teacher, data[0], progress=progress)
     if cache_only and recipe.teacher is not None and recipe.teacher.cache is not None:
@@ -385,3 +383,66 @@ def _report(base: Path, dirs: list[Path], title: str) -> None:
     runs = [read_run(d) for d in dirs]
     plot_runs(base, runs)
     write_report(base, runs, title=title)
+
+
+# ----------------------------------------------------------------------------------- the teacher cache
+
+
+def teacher_taps_of(losses: dict[str, dict[str, Any]]) -> list[str]:
+    """The teacher taps the recipe's losses read (what a cache must hold for them)."""
+    from distill.methods import create_method
+
+    paths: dict[str, None] = {}
+    for name, kw in losses.items():
+        m = create_method(name, **kw)
+        if m.needs_teacher:
+            paths.update(dict.fromkeys(m.teacher_taps))
+    return list(paths)
+
+
+def recipe_cached_teacher(recipe: Recipe, losses: dict[str, dict[str, Any]], teacher: Any, loader: Any,
+                          *, progress: bool = True) -> Any:
+    """The cached teacher a recipe's ``teacher.cache`` asks for: built on first use from ``teacher``
+    over ``loader``'s data and augmentation, checked against both on every later use."""
+    from distill.cache import MANIFEST, CachedTeacher, build_cache
+    from distill.data.augment import Augment, split_mixup
+    from distill.recipes import RecipeError
+
+    assert recipe.teacher is not None and recipe.teacher.cache is not None
+    spec = recipe.teacher.cache
+    path = Path(spec.path)
+    stages = [recipe.train.epochs] + ([recipe.hint_stage.train.epochs] if recipe.hint_stage is not None else [])
+    augmented = spec.views == "augmented" and loader.augment is not None
+    if not augmented and isinstance(loader.augment, Augment) and split_mixup(loader.augment)[1] is not None:
+        # crops keep most of a sample ("global" soft labels, FKD); a mixed view is two samples
+        raise RecipeError("teacher.cache: views 'plain' stores the teacher's outputs on un-mixed inputs, but "
+                          "data.augment.mixup_alpha mixes every view with another sample: use views 'augmented'")
+    if not (path / MANIFEST).exists():
+        temps = sorted(set(_teacher_temperatures(losses)))
+        temperature = spec.temperature
+        if temperature is None:
+            if spec.topk is not None and len(temps) > 1:
+                raise RecipeError(f"teacher.cache: the losses use temperatures {temps}; a top-k cache's tail is exact at "
+                                  "one: set teacher.cache.temperature")
+            temperature = temps[0] if temps else 1.0
+        taps = spec.taps if spec.taps is not None else teacher_taps_of(losses)
+        loader.augment_seed = spec.augment_seed
+        build_cache(teacher, loader.inputs, path, targets=loader.targets, topk=spec.topk, dtype=spec.dtype,
+                    temperature=temperature, augment=loader.augment if augmented else None,
+                    epochs=(spec.epochs or max(stages)) if augmented else None, augment_seed=spec.augment_seed,
+                    taps=taps, batch_size=max(256, getattr(loader, "batch_size", 256)), device=_device(recipe.train),
+                    progress=progress)
+    cached = CachedTeacher(path, teacher=teacher, verify=spec.verify, check_inputs=augmented or loader.augment is None)
+    if cached.cache.views != ("augmented" if augmented else "plain"):
+        raise RecipeError(f"teacher.cache: {str(path)!r} holds {cached.cache.views} views, the recipe asks for "
+                          f"{'augmented' if augmented else 'plain'} ones: delete it or change teacher.cache.views")
+    if augmented and (cached.cache.epochs or 0) < max(stages):
+        raise RecipeError(f"teacher.cache: {str(path)!r} covers {cached.cache.epochs} epoch(s) of augmented views, the "
+                          f"recipe trains {max(stages)}: delete it to rebuild, or build it with --epochs {max(stages)}")
+    if cached.cache.topk is not None and cached.cache.topk < cached.cache.num_classes:
+        off = [T for T in _teacher_temperatures(losses) if T != cached.cache.temperature]
+        if off:
+            raise RecipeError(f"teacher.cache: {str(path)!r} stores top-{cached.cache.topk} logits with the tail exact "
+                              f"at T={cached.cache.temperature:g}, but the losses use T={sorted(set(off))}")
+    cached.prepare_loader(loader)
+    return cached

@@ -214,26 +214,3 @@ def check_logits(view: View, who: str) -> Tensor:
         shape = None if not isinstance(logits, Tensor) else tuple(logits.shape)
         raise ValueError(f"{who} logits must be a (B, K) tensor, got shape {shape}")
     return logits
-
-
-def list_teacher_sources() -> list[dict[str, Any]]:
-    """Teacher sources with the papers they implement, for ``distill methods``."""
-    from distill.cache import CachedTeacher
-    from distill.methods.base import Paper
-
-    return [
-        {"name": "frozen", "cls": FrozenTeacher, "papers": [], "summary": "one trained model, frozen in eval mode"},
-        {"name": "ensemble", "cls": EnsembleTeacher, "summary": "mean of members' probabilities or logits",
-         "papers": [Paper("Distilling the Knowledge in a Neural Network", "G. Hinton, O. Vinyals, J. Dean", 2015,
-                          "1503.02531"),
-                    Paper("Using a Neural Network to Approximate an Ensemble of Classifiers",
-                          "X. Zeng, T. R. Martinez", 2000, None, "Neural Processing Letters")],
-         "defaults": {"combine": "probs", "temperature": 1.0, "weights": None}},
-        {"name": "cached", "cls": CachedTeacher,
-         "summary": "the teacher's outputs stored once per sample and augmented view, read by sample index",
-         "papers": [Paper("A Fast Knowledge Distillation Framework for Visual Recognition", "Z. Shen, E. Xing", 2022,
-                          "2112.01528", "ECCV"),
-                    Paper("TinyViT: Fast Pretraining Distillation for Small Vision Transformers",
-                          "K. Wu, J. Zhang, H. Peng, M. Liu, B. Xiao, J. Fu, L. Yuan", 2022, "2207.10666", "ECCV")],
-         "defaults": {"topk": None, "dtype": "fp32", "views": "augmented", "verify": "open"}},
-    ]

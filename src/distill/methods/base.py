@@ -17,22 +17,7 @@ from typing import Any, ClassVar, TypeVar
 from torch import Tensor, nn
 
 from distill.batch import Batch, View
-
-
-@dataclass(frozen=True)
-class Paper:
-    """Where a method comes from."""
-
-    title: str
-    authors: str
-    year: int
-    arxiv: str | None = None
-    venue: str | None = None
-
-    def cite(self) -> str:
-        where = f", {self.venue}" if self.venue else ""
-        arxiv = f", arXiv {self.arxiv}" if self.arxiv else ""
-        return f"{self.authors}, \"{self.title}\"{where} {self.year}{arxiv}"
+from distill.papers import Paper
 
 
 @dataclass(frozen=True)

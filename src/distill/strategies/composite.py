@@ -1,8 +1,8 @@
 """Composite students built from ordinary models, for the strategies whose student has several heads.
 
-* :func:`rocket_from_models`: rocket launching's :class:`~distill.strategies.online.RocketNet` from
+* :func:`rocket_from_models`: rocket launching's :class:`~distill.strategies.cohort_nets.RocketNet` from
   a light model and a booster model: the light model's lower layers become the shared trunk.
-* :func:`multi_branch_from_model`: OKDHP's :class:`~distill.strategies.online.MultiBranchNet` from
+* :func:`multi_branch_from_model`: OKDHP's :class:`~distill.strategies.cohort_nets.MultiBranchNet` from
   one model: its lower layers become the trunk, copies of the rest the branches.
 * :func:`rocket_student` / :func:`okdhp_student`: what :func:`~distill.strategies.online.fit_rocket`
   and :func:`~distill.strategies.online.fit_okdhp` call first, so a recipe (a zoo student, model
@@ -23,7 +23,7 @@ import copy
 import itertools
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -32,10 +32,9 @@ from distill.adapters import build_adapter, resampling_conv
 from distill.batch import Batch, as_batch
 from distill.methods.spot import StageSplit, _eval_mode
 from distill.strategies.chain import ModelSpec, build_model, check_model_spec
+from distill.strategies.cohort_nets import FeatureAggregationUnit, MultiBranchNet, RocketNet, _positive_int
 from distill.taps import TapError, logits_of, resolve
 
-if TYPE_CHECKING:  # online.py imports this module: its classes are imported where they are used
-    from distill.strategies.online import MultiBranchNet, RocketNet
 
 __all__ = ["chain_paths", "multi_branch_from_model", "okdhp_student", "rocket_from_models", "rocket_student"]
 
@@ -181,7 +180,7 @@ def _piece(split: StageSplit, k: int, first: nn.Module | None = None, last: nn.M
 
 def rocket_from_models(light: ModelSpec, booster: ModelSpec, *, shared: str, booster_from: str | None = None,
                        example: Any, adapter: str = "conv1x1_bn") -> RocketNet:
-    """A :class:`~distill.strategies.online.RocketNet` from a light model and a booster model.
+    """A :class:`~distill.strategies.cohort_nets.RocketNet` from a light model and a booster model.
 
     The light model is cut after the module ``shared``: its modules up to and including ``shared``
     become the shared trunk, the rest the light head. The booster keeps its modules after
@@ -204,7 +203,6 @@ def rocket_from_models(light: ModelSpec, booster: ModelSpec, *, shared: str, boo
         ValueError: a model whose forward is not the chain of its modules, nothing left after a
             cut, or light and booster predicting different numbers of classes.
     """
-    from distill.strategies.online import RocketNet
 
     who = "rocket_from_models"
     for what, spec in (("light", light), ("booster", booster)):
@@ -237,10 +235,9 @@ def rocket_from_models(light: ModelSpec, booster: ModelSpec, *, shared: str, boo
 
 def rocket_student(student: Any, train_loader: Any, *, booster: ModelSpec | None = None, shared: str | None = None,
                    booster_from: str | None = None) -> RocketNet:
-    """``fit_rocket``'s student: a :class:`~distill.strategies.online.RocketNet` as it is, or one built by
+    """``fit_rocket``'s student: a :class:`~distill.strategies.cohort_nets.RocketNet` as it is, or one built by
     :func:`rocket_from_models` from ``student`` (the light model: a model, factory, zoo name or spec),
     ``booster`` and ``shared`` (``booster_from`` optional), checked on the first batch of ``train_loader``."""
-    from distill.strategies.online import RocketNet
 
     building = {k: v for k, v in (("booster", booster), ("shared", shared), ("booster_from", booster_from))
                 if v is not None}
@@ -289,7 +286,7 @@ def _small_init(head: nn.Module) -> nn.Module:
 def multi_branch_from_model(model: ModelSpec, *, split: str, branches: int = 3, until: str | None = None,
                             out_channels: int | None = None, out_size: Sequence[int] | None = None, example: Any,
                             mid_channels: int = 64) -> MultiBranchNet:
-    """An OKDHP :class:`~distill.strategies.online.MultiBranchNet` from one model.
+    """An OKDHP :class:`~distill.strategies.cohort_nets.MultiBranchNet` from one model.
 
     The model is cut after the module ``split``: its modules up to and including it become the
     shared trunk; its modules after ``split`` up to and including ``until`` (default: to the end)
@@ -319,11 +316,6 @@ def multi_branch_from_model(model: ModelSpec, *, split: str, branches: int = 3, 
         ValueError: cuts out of order, a model whose forward is not the chain of its modules, or a
             trunk or branch output that is not a feature map.
     """
-    from distill.strategies.online import (
-        FeatureAggregationUnit,
-        MultiBranchNet,
-        _positive_int,
-    )
 
     who = "multi_branch_from_model"
     _positive_int("branches", branches, minimum=2)
@@ -364,11 +356,10 @@ def multi_branch_from_model(model: ModelSpec, *, split: str, branches: int = 3, 
 
 def okdhp_student(student: Any, train_loader: Any, *, split: str | None = None, num_branches: int = 3,
                   until: str | None = None) -> MultiBranchNet:
-    """``fit_okdhp``'s student: a :class:`~distill.strategies.online.MultiBranchNet` as it is, or one built by
+    """``fit_okdhp``'s student: a :class:`~distill.strategies.cohort_nets.MultiBranchNet` as it is, or one built by
     :func:`multi_branch_from_model` from ``student`` (a model, factory, zoo name or spec), cut at
     ``split`` (and ``until``), with ``num_branches`` branches ending in maps shaped like the target
     maps (B, C, H, W) of the first batch of ``train_loader``."""
-    from distill.strategies.online import MultiBranchNet
 
     building = {k for k, v in (("split", split), ("until", until)) if v is not None}
     if isinstance(student, MultiBranchNet):
