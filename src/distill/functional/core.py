@@ -585,10 +585,18 @@ def at_loss(student_maps: Sequence[Tensor], teacher_maps: Sequence[Tensor], beta
     :math:`\frac{\beta}{2}\sum_j \lVert\cdot\rVert_p` with p = 2, "β = 10³ divided by the number of
     elements in attention map and batch size for each layer" — that division is the
     :math:`1/(B N_j)` above, and ``beta`` is the 10³. The reference code
-    (szagoruyko/attention-transfer, also RepDistiller) instead takes the *squared* difference:
-    :math:`\frac{\beta}{2}\sum_j \operatorname{mean}_{b,i}\,(\hat Q_S - \hat Q_T)^2`, i.e.
-    :math:`\frac{\beta}{2 B N_j}\sum_b \lVert\cdot\rVert_2^2`. It also averages over channels
-    instead of summing, which the normalisation makes irrelevant.
+    (szagoruyko/attention-transfer ``utils.at_loss`` with ``--beta 1e+3``, also RepDistiller
+    ``-b 1000``) instead takes the *squared* difference and no ½:
+    :math:`\beta\sum_j \operatorname{mean}_{b,i}\,(\hat Q_S - \hat Q_T)^2`, i.e.
+    :math:`\frac{\beta}{B N_j}\sum_b \lVert\cdot\rVert_2^2`, so no constant factor relates the
+    two: per sample, this loss is the code's times :math:`1/(2\lVert\hat Q_S - \hat Q_T\rVert_2)`.
+    It also averages over channels instead of summing, which the normalisation makes irrelevant.
+
+    Maps of different sizes: this function needs equal sizes. Code that pairs layers of
+    different resolutions (RepDistiller, mdistiller, torchdistill) average-pools the larger
+    *feature map* before building its attention map, which is what the :class:`~distill.methods.AT`
+    method does by default (``pool="feature"``); pooling the attention map instead gives another
+    loss, since pooling and :math:`|\cdot|^p` do not commute (numbers in the method's docstring).
     """
     if len(student_maps) != len(teacher_maps):
         raise ValueError(f"{len(student_maps)} student maps vs {len(teacher_maps)} teacher maps")
@@ -862,35 +870,52 @@ def pkt_loss(student: Tensor, teacher: Tensor, eps: float = 1e-12) -> Tensor:
     return kl.sum(dim=1).mean()
 
 
-def cc_kernel_matrix(feature: Tensor, gamma: float = 0.4, order: int = 2) -> Tensor:
-    r"""CC's correlation matrix: the Gaussian RBF kernel among the batch's L2-normalised
-    embeddings, by its order-P Taylor expansion.
+_CC_KERNELS = ("gaussian", "bilinear")
+
+
+def cc_kernel_matrix(feature: Tensor, gamma: float = 0.4, order: int = 2, kernel: str = "gaussian") -> Tensor:
+    r"""CC's correlation matrix :math:`\psi(F) = [k(F_i, F_j)]_{i,j}` among the batch's
+    L2-normalised embeddings, for one of the paper's two kernels.
+
+    ``kernel="gaussian"`` (default): the Gaussian RBF by its order-P Taylor expansion,
 
     .. math::
         k(F_i, F_j) = e^{-\gamma \lVert F_i - F_j \rVert^2}
         \approx \sum_{p=0}^{P} e^{-2\gamma} \frac{(2\gamma)^p}{p!} \big(F_i^\top F_j\big)^p,
         \qquad \lVert F_i \rVert = 1
 
-    (for unit vectors :math:`\lVert F_i - F_j \rVert^2 = 2 - 2 F_i^\top F_j`). ``feature`` (B, ...)
-    flattened to (B, D) and L2-normalised per row → (B, B).
+    (for unit vectors :math:`\lVert F_i - F_j \rVert^2 = 2 - 2 F_i^\top F_j`).
+    ``kernel="bilinear"``: the bilinear pool :math:`k(F_i, F_j) = F_i^\top F_j` (the cosine
+    similarity of the un-normalised rows; ``gamma`` and ``order`` are not used).
+
+    ``feature`` (B, ...) flattened to (B, D) and L2-normalised per row → (B, B).
     """
+    if kernel not in _CC_KERNELS:
+        raise ValueError(f"CC kernel must be one of {_CC_KERNELS}, got {kernel!r}")
     if order < 0:
         raise ValueError(f"the Taylor order must be >= 0, got {order}")
     u = F.normalize(_rows(feature), p=2, dim=1)
     sim = u @ u.t()
+    if kernel == "bilinear":
+        return sim
     out = torch.zeros_like(sim)
     for p in range(order + 1):
         out = out + math.exp(-2.0 * gamma) * (2.0 * gamma) ** p / math.factorial(p) * sim.pow(p)
     return out
 
 
-def cc_loss(student: Tensor, teacher: Tensor, gamma: float = 0.4, order: int = 2) -> Tensor:
+def cc_loss(
+    student: Tensor, teacher: Tensor, gamma: float = 0.4, order: int = 2, kernel: str = "gaussian"
+) -> Tensor:
     r"""Correlation congruence: squared distance between the two networks' correlation matrices.
 
     .. math:: L_{CC} = \frac{1}{n^2} \big\lVert \psi(F_t) - \psi(F_s) \big\rVert_F^2
 
-    with ψ from :func:`cc_kernel_matrix` over the n samples of the batch. ``student`` (n, D_s)
-    (the embedded student feature), ``teacher`` (n, D_t) → scalar.
+    with ψ from :func:`cc_kernel_matrix` (``kernel`` "gaussian": the Taylor-expanded RBF with
+    ``gamma``, ``order``; "bilinear": :math:`F_i^\top F_j`; both on L2-normalised rows) over the
+    n samples of the batch. ``student`` (n, D_s) (the embedded student feature), ``teacher``
+    (n, D_t) → scalar. The paper compares the two kernels (and the RBF's expansion order P) in
+    its ablation; the bilinear pool is the simpler, the Gaussian RBF its proposal.
 
     Paper: Peng, Jin, Liu, Zhou, Wu, Liu, Li, Zhang, "Correlation Congruence for Knowledge
     Distillation", ICCV 2019, arXiv 1904.01802 (the full objective adds CE and KD terms, which
@@ -904,7 +929,7 @@ def cc_loss(student: Tensor, teacher: Tensor, gamma: float = 0.4, order: int = 2
     """
     _same_batch(student, teacher, "cc_loss")
     n = student.shape[0]
-    diff = cc_kernel_matrix(teacher, gamma, order) - cc_kernel_matrix(student, gamma, order)
+    diff = cc_kernel_matrix(teacher, gamma, order, kernel) - cc_kernel_matrix(student, gamma, order, kernel)
     return diff.pow(2).sum() / (n * n)
 
 
@@ -996,7 +1021,8 @@ def fsp_loss(
     student first minimises this loss alone (to initialise its weights), then trains on the
     main task without it. RepDistiller's ``FSP`` takes the mean over the B·C1·C2 entries of each
     pair instead of the per-sample sum (i.e. this divided by C1·C2), requires equal channel
-    counts, and uses weight 50 in its stage 1.
+    counts, and trains its stage 1 on the plain sum over pairs (its ``-b 50`` multiplies a zero
+    FSP term in stage 2): ``lambdas`` 1/(C1·C2) reproduce it (docs/methods.md).
     """
     if len(student_mats) != len(teacher_mats):
         raise ValueError(f"{len(student_mats)} student FSP matrices vs {len(teacher_mats)} teacher ones")

@@ -94,8 +94,21 @@ class FitNet(Method):
 class AT(Method):
     """Attention transfer: beta/(2 B N_j) * sum_b || Q_S/||Q_S|| - Q_T/||Q_T|| ||_2 summed over layer pairs j.
 
-    Q = vec(sum_c |A_c|^p). Channel counts may differ; when spatial sizes differ by an integer
-    factor the larger attention map is average-pooled to the smaller (``match_spatial``).
+    Q = vec(sum_c |A_c|^p) (:func:`distill.functional.attention_map`, :func:`distill.functional.at_loss`).
+    Channel counts may differ. When the two taps' spatial sizes differ by an integer factor, the
+    larger is average-pooled to the smaller (``match_spatial``), and ``pool`` says what is pooled:
+
+    - ``"feature"`` (default): the (B, C, H, W) *feature map* is pooled, then its attention map
+      is built, as RepDistiller, mdistiller and torchdistill do (the reference code,
+      szagoruyko/attention-transfer, only pairs maps of equal size);
+    - ``"attention"``: the attention map is built at full resolution and then pooled (this
+      method's behaviour before issue 10).
+
+    The two differ because pooling and ``|.|^p`` do not commute: pooling the feature first lets
+    activations of opposite sign cancel inside a block, pooling the attention map does not. One
+    sample, one channel, student 2x2 map [[1, 2], [-1, 2]], teacher 1x2 map [[1, 1]], p = 2,
+    beta = 1000: ``"feature"`` gives Q_S = (0, 4) and a loss of 250 * 0.76537 = 191.34;
+    ``"attention"`` gives Q_S = (1, 4) and 250 * 0.53386 = 133.47.
     """
 
     def __init__(
@@ -103,6 +116,7 @@ class AT(Method):
         pairs: Sequence[tuple[str, str]] = (("stage1", "stage1"), ("stage2", "stage2"), ("stage3", "stage3")),
         p: float = 2.0,
         beta: float = 1000.0,
+        pool: str = "feature",
         weight: float = 1.0,
         warmup_epochs: int = 0,
     ) -> None:
@@ -110,7 +124,9 @@ class AT(Method):
         self.pairs = tap_pairs(pairs, "AT")
         if p <= 0:
             raise ValueError(f"p must be > 0, got {p}")
-        self.p, self.beta = float(p), float(beta)
+        if pool not in ("feature", "attention"):
+            raise ValueError(f"pool must be 'feature' or 'attention', got {pool!r}")
+        self.p, self.beta, self.pool = float(p), float(beta), pool
         self.student_taps = [s for s, _ in self.pairs]
         self.teacher_taps = [t for _, t in self.pairs]
 
@@ -127,9 +143,13 @@ class AT(Method):
                 )
             if s.shape[0] != t.shape[0]:
                 raise ShapeMismatchError(f"batch sizes differ: {s_name} {tuple(s.shape)}, {t_name} {tuple(t.shape)}")
-            qs, qt = match_spatial(
-                DF.attention_map(s, self.p), DF.attention_map(t, self.p), student_name=s_name, teacher_name=t_name
-            )
+            if self.pool == "feature":  # pool the feature maps, then build the attention maps
+                s, t = match_spatial(s, t, student_name=s_name, teacher_name=t_name)
+                qs, qt = DF.attention_map(s, self.p), DF.attention_map(t, self.p)
+            else:  # build the attention maps at full resolution, then pool them
+                qs, qt = match_spatial(
+                    DF.attention_map(s, self.p), DF.attention_map(t, self.p), student_name=s_name, teacher_name=t_name
+                )
             qs_all.append(qs)
             qt_all.append(qt)
         return qs_all, qt_all
@@ -142,7 +162,7 @@ class AT(Method):
         return DF.at_loss(qs, qt, self.beta)
 
     def extra_repr(self) -> str:
-        return f"pairs={self.pairs}, p={self.p}, beta={self.beta}, weight={self.weight}"
+        return f"pairs={self.pairs}, p={self.p}, beta={self.beta}, pool={self.pool!r}, weight={self.weight}"
 
 
 __all__ = ["FitNet", "AT"]

@@ -197,12 +197,15 @@ class PKT(_EmbeddingRelation):
     ),
 )
 class CC(_EmbeddingRelation):
-    """Correlation congruence: (1/n^2) ||K_T - K_S||_F^2 of Taylor-expanded RBF kernel matrices among the batch.
+    """Correlation congruence: (1/n^2) ||K_T - K_S||_F^2 of kernel matrices among the batch (Taylor RBF or bilinear).
 
     The student's tap passes through a trainable linear embedding to the teacher's dimension
     (built by :meth:`prepare`; ``adapter=None`` compares the raw student features, which also
     works since only n×n matrices are compared); both embeddings are L2-normalised inside the
-    kernel.
+    kernel. ``kernel`` picks the correlation kernel (:func:`distill.functional.cc_kernel_matrix`):
+    ``"gaussian"`` (default) the Taylor-expanded Gaussian RBF with γ = ``gamma`` and P = ``order``;
+    ``"bilinear"`` the bilinear pool k(F_i, F_j) = F_iᵀF_j of the normalised embeddings, the
+    simpler kernel the paper compares it with (``gamma`` and ``order`` then unused).
 
     Defaults γ = 0.4, P = 2: the paper's text could not be read here (arXiv 1904.01802, abstract
     only); the values are those of torchdistill's ILSVRC2012 CCKD config
@@ -222,6 +225,7 @@ class CC(_EmbeddingRelation):
         gamma: float = 0.4,
         order: int = 2,
         adapter: str | None = "linear",
+        kernel: str = "gaussian",
         weight: float = 1.0,
         warmup_epochs: int = 0,
     ) -> None:
@@ -230,7 +234,9 @@ class CC(_EmbeddingRelation):
             raise ValueError(f"gamma must be > 0, got {gamma}")
         if int(order) != order or order < 0:
             raise ValueError(f"order must be an int >= 0, got {order}")
-        self.gamma, self.order, self.adapter_kind = float(gamma), int(order), adapter
+        if kernel not in ("gaussian", "bilinear"):
+            raise ValueError(f"kernel must be 'gaussian' or 'bilinear', got {kernel!r}")
+        self.gamma, self.order, self.adapter_kind, self.kernel = float(gamma), int(order), adapter, kernel
         self.embed: nn.Module | None = None
 
     def prepare(self, student_view: View, teacher_view: View, batch: Batch) -> None:
@@ -248,12 +254,12 @@ class CC(_EmbeddingRelation):
         if self.embed is None:
             raise RuntimeError("CC.prepare() must be called on an example batch before the first forward")
         s, t = self._pair(student_view, teacher_view)
-        return DF.cc_loss(self.embed(s.reshape(s.shape[0], -1)), t, self.gamma, self.order)
+        return DF.cc_loss(self.embed(s.reshape(s.shape[0], -1)), t, self.gamma, self.order, self.kernel)
 
     def extra_repr(self) -> str:
         return (
-            f"{self.student_tap} -> {self.teacher_tap}, gamma={self.gamma}, order={self.order}, "
-            f"adapter={self.adapter_kind}, weight={self.weight}"
+            f"{self.student_tap} -> {self.teacher_tap}, kernel={self.kernel!r}, gamma={self.gamma}, "
+            f"order={self.order}, adapter={self.adapter_kind}, weight={self.weight}"
         )
 
 
