@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 # The CPU build of torch that lies on this disk; with it installed, `torch>=2.4` adds nothing.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv install install-test demo test lint bench clean
+.PHONY: venv install install-test demo test test-vision lint bench bench-peers mutate clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,12 @@ install: $(PY)
 	$(PIP) install -q $(TORCH_PIN)
 	$(PIP) install -q -e '.[plot]'
 
+# The optional ecosystems the tests exercise: `log` (tensorboard, mlflow-skinny) and `hf` (transformers);
+# none of them touches torch. `vision` is left out: timm imports torchvision at import time, and PyPI's
+# torchvision is the CUDA build (it pulls a CUDA torch, ~5.5 GB, and does not load with the CPU one), so
+# the timm and torchvision tests skip here, naming why; `make test-vision` runs them with torchvision.
 install-test: install
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -e '.[test,log,hf]'
 
 demo: install
 	$(VENV)/bin/distill demo
@@ -31,5 +35,34 @@ test: install-test
 bench: install
 	$(PY) benchmarks/overhead.py
 
+# distill beside torchdistill (benchmarks/peers.py), in an environment of its own, never part of `make test`:
+# torchdistill needs torchvision, and the torch/torchvision pair it gets here is the CUDA build (~5.5 GB).
+PEERS_VENV ?= .venv-peers
+PEERS_PY   := $(PEERS_VENV)/bin/python
+PEERS_PINS ?= torch==2.14.1 torchvision==0.29.1 torchdistill==1.1.5
+
+$(PEERS_PY):
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_PY) -m pip install -q --upgrade pip
+
+bench-peers: $(PEERS_PY)
+	$(PEERS_PY) -m pip install -q $(PEERS_PINS) -e .
+	$(PEERS_PY) benchmarks/peers.py $(PEERS_ARGS)
+
+# The timm and torchvision model specs against the real packages, in the same environment as bench-peers
+# (where torchvision loads): the tests that skip under `make test` run here. Never part of `make test`.
+test-vision: $(PEERS_PY)
+	$(PEERS_PY) -m pip install -q $(PEERS_PINS) timm pytest hypothesis -e .
+	$(PEERS_PY) -m pytest tests/test_integrations.py -rs
+
+# Mutation testing of functional/, methods/ and strategies/ (docs/mutation.md), never part of `make test`:
+# hours on 2 cores. mutmut's settings (files to mutate, the fast test selection) are in pyproject.toml's
+# [tool.mutmut]; `make mutate MUTANTS='distill.methods.logits*'` runs only the mutants matching a glob.
+# Results stay in mutants/ (resumable); `$(VENV)/bin/mutmut results` lists the survivors.
+mutate: install-test
+	$(PIP) install -q -e '.[mutate]'
+	nice -n 15 $(VENV)/bin/mutmut run $(MUTANTS)
+	$(VENV)/bin/mutmut results
+
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) $(PEERS_VENV) mutants build dist src/*.egg-info .pytest_cache .hypothesis

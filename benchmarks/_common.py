@@ -80,7 +80,8 @@ def train_teacher(model: str, inputs: Any, targets: Any, val_loader: Any, *, epo
     teacher = create(model)
     loader = InMemoryLoader(inputs, targets, batch_size, augment=RandomCropPad(2), seed=0)
     r = distill.fit(distill.Distiller(teacher, None, {"ce": 1.0}), loader, val_loader, epochs=epochs,
-                    run_dir=run_dir, on_epoch_end=save_every_epoch(teacher, footsteps) if footsteps else None,
+                    run_dir=run_dir, overwrite=True,  # trained again on purpose (no --reuse)
+                    on_epoch_end=save_every_epoch(teacher, footsteps) if footsteps else None,
                     **fit_args)
     return teacher, r.last_acc
 

@@ -8,8 +8,8 @@ cnn_student_mnist ~100k) and 32x32 RGB synthetic data (batch 64; resnet32x4 -> r
       and one cached-teacher read / one teacher forward            (the cache must be far cheaper)
   (b) cached-teacher KD epoch / student-only epoch                 target <= 1.15
   (c) cache build / one live-teacher KD epoch                      reported
-  (d) distill / torchdistill wall time for the same KD job         target <= 0.5 with the cache;
-      only when torchdistill is importable (it is optional), else reported as skipped
+  (d) distill / torchdistill for the same KD job: not here, `make bench-peers` (benchmarks/peers.py)
+      measures it in an environment of its own; this script prints where
 
 and the throughput switches of the teacher forward as ratios to the fp32 eager forward: the
 teacher in bf16, in channels_last, and under torch.compile (a failure is caught and printed).
@@ -240,13 +240,9 @@ def bench_pair(pair: Pair, args: argparse.Namespace, device: torch.device, sync:
 
 
 def torchdistill_line() -> str:
-    try:
-        import torchdistill  # noqa: F401
-    except ImportError:
-        return ("(d) distill / torchdistill: skipped, torchdistill is not installed in this environment "
-                "(pip install torchdistill; it needs torchvision)")
-    return ("(d) distill / torchdistill: skipped, torchdistill is installed but this script has no side-by-side "
-            "job for it yet")
+    return ("(d) distill / torchdistill: measured by `make bench-peers` (benchmarks/peers.py, in its own "
+            "environment .venv-peers: torchdistill needs the multi-GB torch/torchvision build; "
+            "docs/benchmarks.md, section 'peers')")
 
 
 def main() -> None:

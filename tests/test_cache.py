@@ -382,7 +382,7 @@ def test_cli_cache_build_and_info_then_a_run_that_reads_it(tmp_path: Path, monke
     assert main(["cache", "build", str(recipe_file), "--out", "kd_cache", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "64 samples x 10 classes; dense logits; fp32" in out and "augmented views of 2 epoch(s)" in out
-    assert (tmp_path / "runs" / "cache_kd" / "teacher" / "model.pt").is_file()  # the in-run teacher, trained once
+    assert (tmp_path / "runs" / "cache_kd" / "teacher" / "model.safetensors").is_file()  # the in-run teacher, trained once
     assert main(["cache", "info", "kd_cache"]) == 0
     assert "checksums: ok" in capsys.readouterr().out
     assert main(["cache", "build", str(recipe_file), "--out", "kd_cache"]) == 2
@@ -401,18 +401,18 @@ def test_cli_cache_build_and_info_then_a_run_that_reads_it(tmp_path: Path, monke
     longer = {**data, "train": {**data["train"], "epochs": 3}}
     recipe_file.write_text(yaml.safe_dump(longer))
     with pytest.raises(ValueError, match="covers 2 epoch.*trains 3"):
-        run_recipe(load_recipe(recipe_file), progress=False)
+        run_recipe(load_recipe(recipe_file), progress=False, overwrite=True)
     # the same teacher (its checkpoint), other augmentation
-    checkpoint = {"name": "cnn_digits_teacher", "checkpoint": str(tmp_path / "runs" / "cache_kd" / "teacher" / "model.pt")}
+    checkpoint = {"name": "cnn_digits_teacher", "checkpoint": str(tmp_path / "runs" / "cache_kd" / "teacher" / "model.safetensors")}
     other_aug = {**data, "data": {**data["data"], "augment": {"crop_padding": 1, "flip": True}},
                  "teacher": {"model": checkpoint, "cache": "kd_cache"}}
     recipe_file.write_text(yaml.safe_dump(other_aug))
     with pytest.raises(CacheMismatchError, match="augmentation: the loader draws transforms"):
-        run_recipe(load_recipe(recipe_file), progress=False)
+        run_recipe(load_recipe(recipe_file), progress=False, overwrite=True)
     # an in-run teacher trained again (its settings changed with the data) is another teacher
     recipe_file.write_text(yaml.safe_dump({**other_aug, "teacher": data["teacher"]}))
     with pytest.raises(CacheMismatchError, match="teacher: the cache was built from CNN"):
-        run_recipe(load_recipe(recipe_file), progress=False)
+        run_recipe(load_recipe(recipe_file), progress=False, overwrite=True)
 
 
 def test_cli_cache_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

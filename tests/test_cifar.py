@@ -136,4 +136,4 @@ def test_every_cifar100_recipe_names_a_shipped_teacher_recipe() -> None:
     for p in recipes:
         r = yaml.safe_load(p.read_text())
         assert r["teacher"]["model"]["name"] in teachers
-        assert r["teacher"]["model"]["checkpoint"] == f"runs/cifar100_teacher_{r['teacher']['model']['name']}/seed0/model.pt"
+        assert r["teacher"]["model"]["checkpoint"] == f"runs/cifar100_teacher_{r['teacher']['model']['name']}/seed0/model.safetensors"

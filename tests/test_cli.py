@@ -137,7 +137,7 @@ def test_run_prints_a_table(cli_run: dict[str, Any]) -> None:
     assert "cli_kd" in res.stdout
     assert "acc last" in res.stdout and "agreement" in res.stdout
     base = cli_run["base"]
-    for rel in ("seed0/summary.json", "seed0/metrics.jsonl", "report.md", "teacher/model.pt"):
+    for rel in ("seed0/summary.json", "seed0/metrics.jsonl", "report.md", "teacher/model.safetensors"):
         assert (base / rel).is_file(), rel
 
 
@@ -160,7 +160,7 @@ def test_train_writes_model(tmp_path: Path) -> None:
     recipe = write_yaml(tmp_path / "teacher.yaml", tiny_train_recipe())
     res = distill("train", str(recipe), "--out", str(tmp_path / "out"), "--no-progress")
     assert res.returncode == 0, res.stderr
-    assert (tmp_path / "out" / "cli_teacher" / "seed0" / "model.pt").is_file()
+    assert (tmp_path / "out" / "cli_teacher" / "seed0" / "model.safetensors").is_file()
     assert "cli_teacher" in res.stdout or "cnn_digits_teacher" in res.stdout
 
 
@@ -169,7 +169,7 @@ def test_train_refuses_a_recipe_with_a_teacher(tmp_path: Path) -> None:
     res = distill("train", str(recipe), "--out", str(tmp_path / "out"), "--no-progress")
     assert res.returncode == 2
     assert "error" in res.stderr.lower() and "teacher" in res.stderr
-    assert not list((tmp_path).rglob("model.pt"))
+    assert not list((tmp_path).rglob("model.safetensors"))
 
 
 # --------------------------------------------------------------------------- errors

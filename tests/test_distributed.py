@@ -465,7 +465,7 @@ def test_distill_run_under_torchrun_writes_one_set_of_files(tmp_path):
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
     assert proc.stdout.count("run folder:") == 1  # one rank prints
     run = tmp_path / "runs" / "ddp_kd"
-    assert (run / "teacher" / "model.pt").is_file() and (run / "report.md").is_file()
+    assert (run / "teacher" / "model.safetensors").is_file() and (run / "report.md").is_file()
     summary = json.loads((run / "seed0" / "summary.json").read_text())
     assert summary["last_acc"] is not None
     assert not list(run.rglob("*.tmp"))  # no half-written checkpoint left by a second writer

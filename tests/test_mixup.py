@@ -299,7 +299,7 @@ def test_recipe_with_mixup_alpha_runs_end_to_end_on_digits(tmp_path: Path) -> No
         parse_recipe({**recipe, "data": {**recipe["data"], "augment": {"mixup_alpha": 0}}})
     plain = {**recipe, "teacher": {**recipe["teacher"], "cache": {"path": str(tmp_path / "plain"), "views": "plain"}}}
     with pytest.raises(RecipeError, match="views 'plain' stores the teacher's outputs on un-mixed inputs"):
-        run_recipe(parse_recipe(plain), progress=False)
+        run_recipe(parse_recipe(plain), out_dir=tmp_path / "plain_runs", progress=False)
 
 
 def test_batch_rebuilding_wrappers_keep_or_refuse_mixup():

@@ -173,7 +173,7 @@ def test_recipe_validates():
     recipe = load_recipe(RECIPE)
     assert RECIPE.read_text().lstrip().startswith("#")
     assert recipe.student.name == "wrn_40_2_g4" and recipe.teacher.model.name == "wrn_40_2"
-    assert recipe.teacher.model.checkpoint == "runs/cifar100_teacher_wrn_40_2/seed0/model.pt"
+    assert recipe.teacher.model.checkpoint == "runs/cifar100_teacher_wrn_40_2/seed0/model.safetensors"
     assert recipe.losses["ce"] == 1.0
     assert recipe.losses["at"]["beta"] == 1000.0
     assert [tuple(p) for p in recipe.losses["at"]["pairs"]] == [(f"stage{k}", f"stage{k}") for k in (1, 2, 3)]

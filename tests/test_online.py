@@ -587,7 +587,8 @@ def test_cohort_resumes_where_the_interrupted_run_stopped(strategy, tmp_path):
     assert {n: m.best_epoch for n, m in resumed.members.items()} == {n: m.best_epoch for n, m in whole.members.items()}
     lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [0, 1, 2]  # the redone epoch is logged once
-    with pytest.raises(ValueError, match="not this cohort's"):  # a DML checkpoint does not resume OKDDip's cohort
+    # a DML checkpoint does not resume OKDDip's cohort: its fingerprint names the members that differ
+    with pytest.raises(ValueError, match="other settings: delivered: checkpoint"):
         other = fit_okddip if strategy == "dml" else fit_dml
         other(lambda: create("cnn_digits_student"), InMemoryLoader(x, y, 32, seed=1), epochs=3,
               run_dir=tmp_path / "cut", resume=True, progress=False, num_models=2 if strategy == "okddip" else 3)

@@ -266,7 +266,7 @@ def test_bad_tap_fails_before_training(side: str, tmp_path: Path, monkeypatch: p
     assert "'stage1'" in msg or "'stage2'" in msg or "'stage3'" in msg
     assert calls == [], "the teacher was trained before the tap error"
     assert metrics_files(tmp_path) == []
-    assert list(tmp_path.rglob("model.pt")) == []
+    assert list(tmp_path.rglob("model.safetensors")) == []
 
 
 def test_missing_data_directory(tmp_path: Path) -> None:
@@ -297,7 +297,7 @@ def kd_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("e2e")
     recipe = parse_recipe(tiny_recipe("tiny_kd"))
     dirs = run_recipe(recipe, out_dir=out, progress=False)
-    model = out / "tiny_kd" / "teacher" / "model.pt"
+    model = out / "tiny_kd" / "teacher" / "model.safetensors"
     return {"out": out, "dirs": dirs, "recipe": recipe, "model": model, "mtime": model.stat().st_mtime_ns,
             "bytes": model.read_bytes()}
 
@@ -305,7 +305,7 @@ def kd_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def test_end_to_end_files(kd_run: dict[str, Any]) -> None:
     base = kd_run["out"] / "tiny_kd"
     assert kd_run["dirs"] == [base / "seed0"]
-    for rel in ("seed0/metrics.jsonl", "seed0/summary.json", "report.md", "recipe.yaml", "teacher/model.pt",
+    for rel in ("seed0/metrics.jsonl", "seed0/summary.json", "report.md", "recipe.yaml", "teacher/model.safetensors",
                 "teacher/summary.json"):
         assert (base / rel).is_file(), rel
     rows = [json.loads(line) for line in (base / "seed0" / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -331,7 +331,7 @@ def test_second_run_reuses_the_teacher(kd_run: dict[str, Any], monkeypatch: pyte
 
     monkeypatch.setattr(runner, "train_model", no_training)
     first = json.loads((kd_run["dirs"][0] / "summary.json").read_text())
-    dirs = run_recipe(kd_run["recipe"], out_dir=kd_run["out"], progress=False)
+    dirs = run_recipe(kd_run["recipe"], out_dir=kd_run["out"], progress=False, overwrite=True)
     model: Path = kd_run["model"]
     assert model.stat().st_mtime_ns == kd_run["mtime"]
     assert model.read_bytes() == kd_run["bytes"]
@@ -345,7 +345,7 @@ def test_ensemble_teacher_trained_in_run(tmp_path: Path) -> None:
     recipe = parse_recipe(tiny_recipe("tiny_ens", teacher=teacher, train={**TINY_TRAIN, "epochs": 1}))
     dirs = run_recipe(recipe, out_dir=tmp_path, progress=False)
     base = tmp_path / "tiny_ens"
-    assert (base / "teacher0" / "model.pt").is_file() and (base / "teacher1" / "model.pt").is_file()
+    assert (base / "teacher0" / "model.safetensors").is_file() and (base / "teacher1" / "model.safetensors").is_file()
     assert not (base / "teacher").exists()
     summary = json.loads((dirs[0] / "summary.json").read_text())
     assert summary["teacher_label_smoothing"] == 0.0
@@ -359,7 +359,7 @@ def test_train_recipe_writes_model(tmp_path: Path) -> None:
     dirs = run_recipe(recipe, out_dir=tmp_path, progress=False)
     assert dirs == [tmp_path / "tiny_train" / "seed0", tmp_path / "tiny_train" / "seed1"]
     for d in dirs:
-        assert (d / "model.pt").is_file() and (d / "metrics.jsonl").is_file()
+        assert (d / "model.safetensors").is_file() and (d / "metrics.jsonl").is_file()
         assert json.loads((d / "summary.json").read_text())["label_smoothing"] == 0.2
     assert (tmp_path / "tiny_train" / "report.md").is_file()
 
@@ -370,7 +370,7 @@ def test_one_epoch_with_the_default_schedule(tmp_path: Path) -> None:
                                        train={"epochs": 1, "device": "cpu"}))
     assert recipe.train.schedule == "multistep" and recipe.train.milestones is None
     dirs = run_recipe(recipe, out_dir=tmp_path, progress=False)
-    assert (dirs[0] / "model.pt").is_file()
+    assert (dirs[0] / "model.safetensors").is_file()
 
 
 def test_checkpoint_teacher_is_loaded_not_trained(kd_run: dict[str, Any], tmp_path: Path,

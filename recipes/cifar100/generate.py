@@ -171,7 +171,7 @@ def main() -> None:
             except KeyError:
                 continue
             losses, hint, comment = losses_for(method, teacher, student, x, s_name)
-            ckpt = f"runs/cifar100_teacher_{t_name}/seed0/model.pt"
+            ckpt = f"runs/cifar100_teacher_{t_name}/seed0/model.safetensors"
             recipe: dict[str, Any] = {
                 "name": f"cifar100_{method}_{t_name}_{s_name}", "kind": "distill", "seeds": [0, 1, 2],
                 "data": {"name": "cifar100", "batch_size": 64, "augment": {"crop_padding": 4, "flip": True}},

@@ -64,6 +64,8 @@ from torch import Tensor, nn
 
 from distill.batch import Batch, View
 from distill.data.augment import KEY_DERIVATION, Augment, augmented_views
+from distill.files import atomic_write_json
+from distill.locks import RunLock
 from distill.papers import Paper
 from distill.teachers import (
     EnsembleTeacher,
@@ -217,6 +219,46 @@ def _verify_mode(verify: str) -> str:
     return verify
 
 
+# what a manifest of this FORMAT holds (build_cache writes every key): top level, then nested
+_MANIFEST_KEYS = ("num_samples", "num_classes", "views", "epochs", "storage", "topk", "dtype", "temperature",
+                  "teacher", "data", "augment", "taps", "arrays", "block_bytes", "file_bytes", "blocks")
+_NESTED_KEYS = {"teacher": ("fingerprint",), "data": ("fingerprint", "targets")}
+_ARRAY_KEYS = ("dtype", "offset", "shape")
+
+
+def _check_manifest(manifest: dict[str, Any], file: Path) -> None:
+    """Every key the reader uses is there, with the right kind of value; a :class:`CacheError`
+    naming the file and the first missing key (``blocks[3].sha256``) otherwise."""
+    def missing(key: str, what: str = "is missing") -> CacheError:
+        return CacheError(f"teacher cache manifest {str(file)!r}: key {key!r} {what}; the file is damaged or was "
+                          "written by another program: build the cache again")
+
+    for key in _MANIFEST_KEYS:
+        if key not in manifest:
+            raise missing(key)
+    for key, subkeys in _NESTED_KEYS.items():
+        if not isinstance(manifest[key], dict):
+            raise missing(key, f"must be a mapping, got {type(manifest[key]).__name__}")
+        for sub in subkeys:
+            if sub not in manifest[key]:
+                raise missing(f"{key}.{sub}")
+    if not isinstance(manifest["arrays"], dict) or not manifest["arrays"]:
+        raise missing("arrays", "must be a non-empty mapping of stored arrays")
+    for name, a in manifest["arrays"].items():
+        for sub in _ARRAY_KEYS:
+            if not isinstance(a, dict) or sub not in a:
+                raise missing(f"arrays.{name}.{sub}")
+    if not isinstance(manifest["blocks"], list):
+        raise missing("blocks", f"must be a list, got {type(manifest['blocks']).__name__}")
+    for i, block in enumerate(manifest["blocks"]):
+        if not isinstance(block, dict) or "sha256" not in block:
+            raise missing(f"blocks[{i}].sha256")
+    if manifest["augment"] is not None:
+        for sub in ("spec", "seed", "keys"):
+            if not isinstance(manifest["augment"], dict) or sub not in manifest["augment"]:
+                raise missing(f"augment.{sub}")
+
+
 class TeacherCache:
     """A built cache opened for reading; see the module docstring for what it holds.
 
@@ -248,6 +290,7 @@ class TeacherCache:
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
             raise CacheError(f"teacher cache {str(self.path)!r}: format {got!r}, expected {FORMAT!r}")
+        _check_manifest(manifest, manifest_file)
         self.manifest: dict[str, Any] = manifest
         if not data_file.is_file():
             raise CacheError(f"teacher cache {str(self.path)!r} has no {DATA_FILE}")
@@ -564,9 +607,14 @@ def build_cache(
         (p.device for p in source.parameters()), torch.device("cpu"))
     n = int(inputs.shape[0])
     try:
-        _write(source, inputs, targets, path, n=n, topk=topk, np_dtype=np.dtype(_DTYPES[dtype]), dtype=dtype,
-               temperature=float(temperature), augment=augment, epochs=epochs, augment_seed=int(augment_seed),
-               taps=taps, batch_size=batch_size, device=run_device, progress=progress)
+        # one builder per cache folder: a second one stops with RunLockedError naming the first's pid
+        with RunLock(path, "teacher cache build"):
+            if (path / MANIFEST).exists() and not overwrite:  # finished by another process meanwhile
+                raise FileExistsError(f"a teacher cache already exists at {str(path)!r}; delete it or pass "
+                                      "overwrite=True")
+            _write(source, inputs, targets, path, n=n, topk=topk, np_dtype=np.dtype(_DTYPES[dtype]), dtype=dtype,
+                   temperature=float(temperature), augment=augment, epochs=epochs, augment_seed=int(augment_seed),
+                   taps=taps, batch_size=batch_size, device=run_device, progress=progress)
     finally:
         source.require_taps([])
     return TeacherCache(path, "open")
@@ -669,9 +717,7 @@ def _write(source: TeacherSource, inputs: Tensor, targets: Tensor | None, path: 
         raise CacheError("nothing to store")
     if (path / DATA_FILE).stat().st_size != manifest["file_bytes"]:
         os.truncate(path / DATA_FILE, manifest["file_bytes"])
-    tmp = path / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, default=str))
-    os.replace(tmp, path / MANIFEST)  # the manifest appears last, and whole
+    atomic_write_json(path / MANIFEST, manifest, default=str)  # the manifest appears last, and whole (fsync-ed)
 
 
 def _np_dtype_of(name: str, np_dtype: np.dtype, num_classes: int) -> np.dtype:

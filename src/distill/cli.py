@@ -108,6 +108,13 @@ def _cmd_run(args: argparse.Namespace, kind: str | None = None) -> int:
     if not is_main_process():  # under torchrun every rank runs the recipe; rank 0 speaks (errors still show)
         console.quiet = runner.console.quiet = True
     recipe = load_recipe(args.recipe)
+    if args.logger:  # added to the recipe's train.loggers, then validated like the recipe itself
+        from distill.recipes import parse_recipe
+
+        data = recipe.model_dump(mode="json", exclude_unset=True)
+        loggers = list(data["train"].get("loggers", []))
+        data["train"]["loggers"] = loggers + [name for name in args.logger if name not in loggers]
+        recipe = parse_recipe(data, f"{args.recipe} with --logger")
     if kind == "train" and recipe.kind != "train":
         if recipe.teacher is not None:
             err.print(f"[red]error:[/red] {args.recipe} has a teacher; 'distill train' trains one model alone "
@@ -115,7 +122,8 @@ def _cmd_run(args: argparse.Namespace, kind: str | None = None) -> int:
             return 2
         recipe = recipe.model_copy(update={"kind": "train"})
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
-    dirs = run_recipe(recipe, out_dir=args.out, progress=not args.no_progress, resume=args.resume, seeds=seeds)
+    dirs = run_recipe(recipe, out_dir=args.out, progress=not args.no_progress, resume=args.resume, seeds=seeds,
+                      overwrite=args.overwrite)
     if not is_main_process():  # rank 0 writes the summaries and prints the table
         return 0
     table, _ = compare(dirs)
@@ -153,7 +161,7 @@ def _cmd_cache_build(args: argparse.Namespace) -> int:
             raise FileExistsError(f"a teacher cache already exists at {str(path)!r}; pass --overwrite to rebuild it")
         (path / "manifest.json").unlink()
     recipe = recipe.model_copy(update={"teacher": recipe.teacher.model_copy(update={"cache": spec})})
-    run_recipe(recipe, out_dir=args.runs, progress=not args.no_progress, cache_only=True)
+    run_recipe(recipe, out_dir=args.runs, progress=not args.no_progress, cache_only=True, overwrite=args.overwrite)
     from distill.cache import open_cache
 
     console.print(open_cache(path).describe(), highlight=False)
@@ -200,8 +208,16 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument("recipe", help="path of a YAML recipe")
         r.add_argument("--out", default=None, help="output parent folder (default: the recipe's output_dir)")
         r.add_argument("--seeds", default=None, help="comma-separated seeds overriding the recipe's")
-        r.add_argument("--resume", action="store_true", help="continue from each run's last checkpoint")
+        again = r.add_mutually_exclusive_group()
+        again.add_argument("--resume", action="store_true",
+                           help="continue each run from its last checkpoint, which must have been written under "
+                                "the same recipe settings (a run with no folder starts afresh)")
+        again.add_argument("--overwrite", action="store_true",
+                           help="replace the results already in the run folders (they are cleared first); "
+                                "without --resume or --overwrite a run refuses a folder that holds results")
         r.add_argument("--no-progress", action="store_true")
+        r.add_argument("--logger", action="append", default=[], metavar="NAME",
+                       help="also log each epoch's metrics to tensorboard (RUN/tensorboard) or mlflow; repeatable")
         r.set_defaults(func=lambda a, k=kind: _cmd_run(a, k))
 
     m = sub.add_parser("methods", help="list every method: family, paper, year, arXiv id, defaults")
@@ -232,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     cb.add_argument("--runs", default=None,
                     help="parent folder of the recipe's runs, where an in-run teacher is trained or reused "
                          "(default: the recipe's output_dir)")
-    cb.add_argument("--overwrite", action="store_true", help="rebuild a cache that exists")
+    cb.add_argument("--overwrite", action="store_true",
+                    help="rebuild a cache that exists (and retrain an in-run teacher whose settings changed)")
     cb.add_argument("--no-progress", action="store_true")
     cb.set_defaults(func=_cmd_cache_build)
     ci = cache_sub.add_parser("info", help="describe a cache and verify its checksums")

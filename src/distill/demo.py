@@ -10,7 +10,6 @@ over all of them.
 
 from __future__ import annotations
 
-import json
 import time
 from datetime import datetime
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from distill.files import atomic_write_json, read_json
 from distill.recipes import AugmentSpec, DataSpec, ModelSpec, TrainSpec
 
 console = Console()
@@ -76,7 +76,7 @@ def run_demo(out_dir: str | Path = "runs", seeds: int = 3, epochs: int | None = 
     from distill.methods import create_method
     from distill.recipes import validate_losses
     from distill.report import aggregate, format_table, plot_runs, read_run, write_report
-    from distill.runner import build_data, build_model, ls_notes
+    from distill.runner import MODEL_FILE, build_data, build_model, ls_notes
     from distill.teachers import EnsembleTeacher, FrozenTeacher
     from distill.train import fit
     from distill.train.checkpoint import load_model
@@ -119,7 +119,7 @@ def run_demo(out_dir: str | Path = "runs", seeds: int = 3, epochs: int | None = 
             model = build_model(TEACHER, info["num_classes"], info["in_channels"])
             tdir = base / f"teacher{i}"
             _train_teacher(model, tdir, teacher_data, i, tick)
-            teachers.append(load_model(tdir / "model.pt", model)[0])
+            teachers.append(load_model(tdir / MODEL_FILE, model)[0])
         for row in rows:
             for s in range(seeds):
                 bar.update(task, description=f"{row} seed {s}")
@@ -147,11 +147,12 @@ def run_demo(out_dir: str | Path = "runs", seeds: int = 3, epochs: int | None = 
                     "teacher": "ensemble of 3" if row == "kd_ensemble" else TEACHER.name,
                     "notes": ls_notes(teacher.metadata, losses[row]) if row != "scratch" else [],
                 }
-                (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+                atomic_write_json(run_dir / "summary.json", summary, default=str)
     runs = [read_run(p) for p in sorted((base / "runs").iterdir(), key=lambda p: (rows.index(p.name.rsplit("-seed", 1)[0]), p.name))]
     table_rows = aggregate(runs)
     elapsed = time.perf_counter() - t_start
-    teacher_accs = [json.loads((base / f"teacher{i}" / "summary.json").read_text())["last_acc"] for i in range(n_teachers)]
+    teacher_accs = [read_json(base / f"teacher{i}" / "summary.json", "teacher summary")["last_acc"]
+                    for i in range(n_teachers)]
     extra = [
         f"Teacher: {TEACHER.name} ({_count(teachers[0])} parameters), val accuracy "
         + ", ".join(f"{a:.2f}%" for a in teacher_accs) + (" (ensemble members)" if n_teachers > 1 else ""),
@@ -162,11 +163,11 @@ def run_demo(out_dir: str | Path = "runs", seeds: int = 3, epochs: int | None = 
     ]
     plot = plot_runs(base, runs, baseline="scratch")
     write_report(base, runs, title="distill demo: digits", baseline="scratch", extra_lines=extra)
-    (base / "summary.json").write_text(json.dumps({
+    atomic_write_json(base / "summary.json", {
         "kind": "collection", "name": "demo",
         "teacher_acc": teacher_accs, "seeds": seeds, "epochs": epochs, "time_s": elapsed,
         "rows": [r.__dict__ if hasattr(r, "__dict__") else r for r in table_rows],
-    }, indent=2, default=str))
+    }, default=str)
     console.print(format_table(table_rows, baseline="scratch"))
     for line in extra:
         console.print(line)

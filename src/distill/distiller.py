@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from distill.batch import Batch, View, as_batch
-from distill.methods.base import Method, create_method
+from distill.methods.base import Method, check_weight, create_method
 from distill.taps import Taps, logits_of
 from distill.teachers import TeacherSource, as_teacher_source
 
@@ -48,6 +48,7 @@ def _build_methods(losses: Mapping[str, LossSpec]) -> dict[str, Method]:
             methods[name] = create_method(name, **spec)
         elif (isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], (int, float))
               and isinstance(spec[1], Method)):
+            check_weight(spec[0], name)
             spec[1].weight = float(spec[0])
             methods[name] = spec[1]
         else:
@@ -131,6 +132,7 @@ class Distiller(nn.Module):
                     for m in self.methods.values():
                         m.bind_models(self.student, teacher_module, batch)
                     teacher_view = self.teacher(batch) if self._needs_teacher and self.teacher is not None else {}
+                    self._check_widths(student_view, teacher_view)
                     for m in self.methods.values():
                         m.prepare(student_view, teacher_view, batch)
         finally:
@@ -139,6 +141,21 @@ class Distiller(nn.Module):
         self.methods.to(device)  # adapters are created on the CPU: follow the student
         self.prepared = True
         return self
+
+    def _check_widths(self, student_view: View, teacher_view: View) -> None:
+        """The student's and the teacher's logits have one entry per class each, the same classes,
+        when a loss compares them class by class (raised here, before any training)."""
+        readers = [n for n, m in self.methods.items() if reads_teacher_logits(m)]
+        t = teacher_view.get("logits")
+        s = student_view.get("logits")
+        if not readers or not isinstance(t, Tensor) or not isinstance(s, Tensor) or t.dim() < 1 or s.dim() < 1:
+            return
+        if t.shape[-1] != s.shape[-1]:
+            raise ValueError(
+                f"the student's logits have {s.shape[-1]} classes but the teacher's have {t.shape[-1]}, and the losses "
+                f"{readers} compare them class by class: build both for the same classes (num_classes="
+                f"{t.shape[-1]} for the student, or a teacher for {s.shape[-1]} classes)"
+            )
 
     def teacher_module(self) -> nn.Module | None:
         """The teacher's ``nn.Module`` when the teacher source wraps exactly one, else ``None``."""
@@ -254,6 +271,20 @@ class Distiller(nn.Module):
             )
             self._warned_warmup = True
         return method.weight_factor()
+
+
+# families whose losses compare the student's and the teacher's logits class by class
+LOGIT_FAMILIES = ("logits", "condensation", "online")
+
+
+def reads_teacher_logits(method: Method) -> bool:
+    """Whether ``method`` compares the student's logits with the teacher's class by class (then both
+    need the same number of classes): a teacher-reading method of a logit family, or one whose class
+    sets ``reads_teacher_logits = True``."""
+    flag = getattr(method, "reads_teacher_logits", None)
+    if isinstance(flag, bool):
+        return flag and method.needs_teacher
+    return method.needs_teacher and method.family in LOGIT_FAMILIES
 
 
 def _has_lazy_parts(method: Method) -> bool:

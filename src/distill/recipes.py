@@ -10,6 +10,7 @@ naming the key (tap paths are resolved on the built models, before any training)
 from __future__ import annotations
 
 import inspect
+import math
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -27,7 +28,9 @@ class _Strict(BaseModel):
 
 
 class ModelSpec(_Strict):
-    """A zoo model: ``name`` from ``distill.models.list_models()`` and its keyword arguments."""
+    """A model: ``name`` from ``distill.models.list_models()``, or an ecosystem's model spec
+    (``timm:NAME``, ``torchvision:NAME``, ``hf:PATH``; :mod:`distill.integrations`), and its
+    keyword arguments (``pretrained: PATH``: a local weights file for timm and torchvision)."""
 
     name: str
     kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -38,13 +41,26 @@ class ModelSpec(_Strict):
     def _known(cls, v: str) -> str:
         from distill.models import list_models
 
+        if ":" in v:  # an ecosystem's spec: checked with its kwargs below
+            return v
         if v not in list_models():
             import difflib
 
             close = difflib.get_close_matches(v, list_models(), n=3)
             raise ValueError(f"unknown model {v!r}" + (f"; did you mean {close}?" if close else "")
-                             + f"; known: {list_models()}")
+                             + f"; known: {list_models()} (or timm:NAME, torchvision:NAME, hf:PATH)")
         return v
+
+    @model_validator(mode="after")
+    def _external(self) -> ModelSpec:
+        from distill.integrations import check_model_spec, is_external
+
+        if is_external(self.name):
+            try:  # prefix, package, model name and pretrained file, before any work
+                check_model_spec(self.name, self.kwargs)
+            except (ImportError, OSError, TypeError) as e:  # pydantic reports ValueErrors only
+                raise ValueError(str(e)) from None
+        return self
 
 
 class AugmentSpec(_Strict):
@@ -89,6 +105,35 @@ class TrainSpec(_Strict):
     grad_clip: float | None = Field(None, gt=0)
     deterministic: bool = False
     device: str | None = None
+    # besides metrics.jsonl: "tensorboard", "mlflow" or {name: ..., options} (distill.train.loggers)
+    loggers: list[str | dict[str, Any]] = Field(default_factory=list)
+
+    @field_validator("loggers")
+    @classmethod
+    def _loggers(cls, v: list[str | dict[str, Any]]) -> list[str | dict[str, Any]]:
+        from distill.train.loggers import check_loggers
+
+        try:
+            check_loggers(v, run_dir_known=True)  # a recipe always has run folders
+        except (ImportError, TypeError) as e:  # pydantic reports ValueErrors only
+            raise ValueError(str(e)) from None
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str | None) -> str | None:
+        from distill.teachers import parse_device
+
+        if v is not None:
+            parse_device(v, "device")  # the spelling only: whether this machine has it is checked at run start
+        return v
+
+    @field_validator("milestones")
+    @classmethod
+    def _increasing(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError(f"milestones must be strictly increasing epochs, got {v}")
+        return v
 
 
 class HintStageSpec(_Strict):
@@ -222,6 +267,23 @@ class Recipe(_Strict):
     strategy: StrategySpec | None = None
     output_dir: str = "runs"
 
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, v: str) -> str:
+        # the run folder is OUTPUT_DIR/NAME: a name with a path in it would write outside output_dir
+        if not v or v in (".", "..") or any(c in v for c in "/\\\0") or v != v.strip():
+            raise ValueError(f"name {v!r} must be a plain folder name (no '/', '\\', '..', surrounding spaces): "
+                             "runs are written to OUTPUT_DIR/NAME")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, v: list[int]) -> list[int]:
+        repeated = sorted({s for s in v if v.count(s) > 1})
+        if repeated:
+            raise ValueError(f"seeds {repeated} are listed more than once (each seed is one run folder seed<k>)")
+        return v
+
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
         if self.kind == "train" and self.teacher is not None:
@@ -232,6 +294,9 @@ class Recipe(_Strict):
                                  "'hint_stage'")
             if self.teacher is not None and self.teacher.cache is not None:
                 raise ValueError("a strategy runs its teacher models itself: remove 'teacher.cache'")
+            if self.train.loggers:  # cohort loops of their own take no loggers: refuse them all, before any work
+                raise ValueError(f"train.loggers: strategy {self.strategy.name!r} runs its own training; loggers "
+                                 "apply to recipes without a strategy: remove 'train.loggers'")
             if "losses" in self.model_fields_set:
                 raise ValueError(f"strategy {self.strategy.name!r} chooses its own losses: remove 'losses' (its "
                                  "hyper-parameters go in strategy.args)")
@@ -293,6 +358,37 @@ def _format(e: ValidationError, prefix: str = "") -> list[str]:
     return lines
 
 
+def _bad_method_values(name: str, kwargs: dict[str, Any]) -> str | None:
+    """The first bad value of a loss's arguments as an error line naming its key, or ``None``.
+
+    A weight must be a finite number >= 0 and no number may be NaN or infinite; then the method
+    is built, so that its own checks (``T > 0``...) fail here, at validation, with the key named.
+    """
+    from distill.methods import method_info
+
+    for key, value in kwargs.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"  losses.{name}.{key}: must be a finite number (got {value!r})"
+    weight = kwargs.get("weight", 1.0)
+    if isinstance(weight, (int, float)) and weight < 0:
+        return f"  losses.{name}.weight: a loss weight must be >= 0 (got {weight!r}); 0 switches the loss off"
+    cls = method_info(name).cls
+    try:
+        cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        culprit = None  # the argument that fails alone (with the others at their defaults)
+        for key, value in kwargs.items():
+            try:
+                cls(**{key: value})
+            except (ValueError, TypeError):
+                culprit = key
+                break
+        where = f"losses.{name}.{culprit}" if culprit else f"losses.{name}"
+        got = f" (got {kwargs[culprit]!r})" if culprit and repr(kwargs[culprit]) not in str(e) else ""
+        return f"  {where}: {e}{got}"
+    return None
+
+
 def validate_losses(losses: dict[str, float | dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Each loss name must be registered and its arguments accepted; returns name → kwargs."""
     from distill.methods import method_info
@@ -312,6 +408,10 @@ def validate_losses(losses: dict[str, float | dict[str, Any]]) -> dict[str, dict
             errors.extend(_format(e, f"losses.{name}."))
             continue
         out[name] = {k: getattr(validated, k) for k in kwargs}
+        bad = _bad_method_values(name, out[name])
+        if bad:
+            errors.append(bad)
+            out.pop(name)
     if errors:
         raise RecipeError("invalid losses:\n" + "\n".join(errors))
     return out

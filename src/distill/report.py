@@ -21,6 +21,8 @@ from typing import Any
 
 from rich.table import Table
 
+from distill.files import atomic_write, atomic_write_text, read_json
+
 __all__ = [
     "RunRecord",
     "Row",
@@ -85,10 +87,7 @@ def read_run(path: str | Path) -> RunRecord:
 
 def _read_summary(path: Path) -> dict[str, Any]:
     """Parse ``summary.json``; it must be one JSON object."""
-    try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: invalid JSON ({err.msg} at line {err.lineno})") from err
+    summary = read_json(path, "run summary", remedy="rerun the run that wrote it, or delete the run folder")
     if not isinstance(summary, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(summary).__name__}")
     return summary
@@ -378,7 +377,7 @@ def write_report(
     if (run_dir / PLOT_FILE).is_file():
         lines += [f"![Validation accuracy per epoch and final accuracy per group]({PLOT_FILE})", ""]
     path = run_dir / REPORT_FILE
-    path.write_text("\n".join(lines), encoding="utf-8")
+    atomic_write_text(path, "\n".join(lines))
     return path
 
 
@@ -480,7 +479,7 @@ def plot_runs(run_dir: str | Path, runs: Sequence[RunRecord], *, baseline: str |
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / PLOT_FILE
-    fig.savefig(path)
+    atomic_write(path, lambda f: fig.savefig(f, format=path.suffix.lstrip(".") or "png"))
     return path
 
 

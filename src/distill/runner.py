@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +14,23 @@ import yaml
 from rich.console import Console
 from torch import nn
 
+from distill.files import atomic_write_json, atomic_write_text, read_json
 from distill.recipes import DataSpec, ModelSpec, Recipe, TrainSpec, validate_losses
+from distill.locks import RunLock
 from distill.train.distributed import barrier, is_main_process, main_process_first
+from distill.train.rundir import (
+    ResumeError,
+    RunFolderError,
+    SpecMismatchError,
+    check_fingerprint,
+    clear_run_dir,
+    fingerprint_diff,
+    has_results,
+    normalize_fingerprint,
+)
 
 console = Console(stderr=True)
+MODEL_FILE = "model.safetensors"  # what a trained model leaves: tensors and a JSON header, nothing to unpickle
 
 LS_NOTE = (
     "teacher was trained with label smoothing (eps={eps}) and a loss uses temperature T={T} > 1: "
@@ -30,11 +44,29 @@ def build_data(spec: DataSpec, seed: int = 0) -> tuple[Any, Any, dict[str, Any]]
     from distill.data import get_dataset
     from distill.data.augment import Compose, Mixup, RandomCropPad, RandomHorizontalFlip
 
+    from distill.data.loader import check_finite
+    from distill.recipes import RecipeError
+
     train = get_dataset(spec.name, spec.root, split="train")
     val = get_dataset(spec.name, spec.root, split=spec.val_split)
     x, y = train.inputs, train.targets
+    n = int(x.shape[0])
+    if n == 0:
+        raise RecipeError(f"data set {spec.name!r} has 0 training samples"
+                          + (f" (root {spec.root!r})" if spec.root else ""))
+    if len(val) == 0:
+        raise RecipeError(f"data set {spec.name!r} has 0 samples in its {spec.val_split!r} split (data.val_split)")
     if spec.train_subset is not None:
+        if spec.train_subset > n:
+            raise RecipeError(f"data.train_subset={spec.train_subset} is larger than data set {spec.name!r}, which has "
+                              f"{n} training samples: lower it, or remove it to train on all of them")
         x, y = x[: spec.train_subset], y[: spec.train_subset]
+    if spec.batch_size > x.shape[0]:
+        raise RecipeError(f"data.batch_size={spec.batch_size} is larger than the {int(x.shape[0])} training samples of "
+                          f"data set {spec.name!r}" + (" (data.train_subset)" if spec.train_subset is not None else "")
+                          + ": every epoch would be one smaller batch; lower data.batch_size")
+    check_finite(x, f"data set {spec.name!r} (training split)")
+    check_finite(val.inputs, f"data set {spec.name!r} ({spec.val_split!r} split)")
     val_y = val.targets
     if spec.targets == "class_heatmaps":  # a pose-style dense task on the same images (maps (N, K, H, W))
         from distill.data.dense import class_heatmaps
@@ -76,16 +108,23 @@ def _device(train: TrainSpec) -> torch.device:
 
 
 def _fit_kwargs(t: TrainSpec) -> dict[str, Any]:
-    return dict(epochs=t.epochs, optimizer=t.optimizer, lr=t.lr, momentum=t.momentum,
-                weight_decay=t.weight_decay, nesterov=t.nesterov, schedule=t.schedule,
-                milestones=t.milestones, gamma=t.gamma, amp=t.amp, grad_clip=t.grad_clip,
-                deterministic=t.deterministic, device=_device(t))
+    kwargs = dict(epochs=t.epochs, optimizer=t.optimizer, lr=t.lr, momentum=t.momentum,
+                  weight_decay=t.weight_decay, nesterov=t.nesterov, schedule=t.schedule,
+                  milestones=t.milestones, gamma=t.gamma, amp=t.amp, grad_clip=t.grad_clip,
+                  deterministic=t.deterministic, device=_device(t))
+    if t.loggers:  # only then: strategies' own loops take no loggers (a recipe refuses the pair)
+        kwargs["loggers"] = list(t.loggers)
+    return kwargs
 
 
 def train_model(model: nn.Module, spec: ModelSpec, train: TrainSpec, data: tuple[Any, Any, dict[str, Any]],
                 run_dir: Path, *, label_smoothing: float = 0.0, seed: int = 0, progress: bool = True,
-                resume: bool = False, on_epoch_end: Any = None) -> dict[str, Any]:
-    """Train one model with CE (or label smoothing) and save ``run_dir/model.pt`` with its metadata."""
+                resume: bool = False, on_epoch_end: Any = None, fingerprint: dict[str, Any] | None = None,
+                overwrite: bool = False) -> dict[str, Any]:
+    """Train one model with CE (or label smoothing) and save ``run_dir/model.safetensors`` with its metadata.
+
+    ``fingerprint``, ``resume``, ``overwrite``: passed to :func:`distill.fit` (what its checkpoints
+    record and resume checks; whether results in ``run_dir`` may be continued or replaced)."""
     from distill.distiller import Distiller
     from distill.methods import create_method
     from distill.train import fit
@@ -96,18 +135,19 @@ def train_model(model: nn.Module, spec: ModelSpec, train: TrainSpec, data: tuple
     d = Distiller(model, None, losses={loss.name: loss})
     t0 = time.perf_counter()
     result = fit(d, train_loader, val_loader, run_dir=run_dir, seed=seed, progress=progress, resume=resume,
-                 on_epoch_end=on_epoch_end, **_fit_kwargs(train))
+                 on_epoch_end=on_epoch_end, fingerprint=fingerprint, overwrite=overwrite, **_fit_kwargs(train))
     metadata = {"label_smoothing": label_smoothing, "val_acc": result.last_acc, "best_acc": result.best_acc,
                 "epochs": train.epochs, "dataset": info["dataset"], "seed": seed}
     summary = {"name": spec.name, "kind": "train", "group": spec.name, "losses": {loss.name: 1.0}, "seed": seed,
                "epochs": train.epochs, "last_acc": result.last_acc, "best_acc": result.best_acc,
-               "best_epoch": result.best_epoch, "time_s": time.perf_counter() - t0,
-               "label_smoothing": label_smoothing}
+               "best_epoch": result.best_epoch, "label_smoothing": label_smoothing,
+               # a resumed run's time includes the sessions before it
+               "time_s": result.time_s if result.time_s is not None else time.perf_counter() - t0}
     if is_main_process():  # under torchrun one process writes; the others wait, then read the model
-        save_model(run_dir / "model.pt", model, name=spec.name,
+        save_model(run_dir / MODEL_FILE, model, name=spec.name,
                    kwargs={"num_classes": info["num_classes"], "in_channels": info["in_channels"], **spec.kwargs},
                    metadata=metadata)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_json(run_dir / "summary.json", summary)
     barrier()
     return summary
 
@@ -136,8 +176,26 @@ def ls_notes(metadata: dict[str, Any] | None, losses: dict[str, dict[str, Any]])
 
 
 def run_recipe(recipe: Recipe, *, out_dir: str | Path | None = None, progress: bool = True,
-               resume: bool = False, seeds: list[int] | None = None, cache_only: bool = False) -> list[Path]:
+               resume: bool = False, seeds: list[int] | None = None, cache_only: bool = False,
+               overwrite: bool = False) -> list[Path]:
     """Run every seed of a recipe; returns the run folders (``OUT/NAME/seed<k>``).
+
+    The recipe's folder ``OUT/NAME`` is locked for the run (:class:`~distill.locks.RunLock`: a
+    second run of the same recipe, or of another with the same ``name``, stops at once with
+    ``RunLockedError`` naming this one's pid), and its results are never silently replaced. Before
+    any training (teacher included), each seed's folder is checked:
+
+    - without ``resume`` or ``overwrite``, a folder holding results raises ``RunFolderError``;
+    - ``overwrite``: the seed folders are cleared first (no stale ``best.pt`` or metrics survive);
+    - ``resume``: each run continues from its ``checkpoints/last.pt``, which must record this
+      recipe's fingerprint (:func:`recipe_fingerprint`; else ``SpecMismatchError`` names each
+      differing field, e.g. ``train.lr: checkpoint 0.05, now 0.1``); results without a
+      ``last.pt`` raise ``ResumeError``; a seed with no folder starts afresh.
+
+    An in-run teacher is reused when its ``teacher_spec.json`` matches the recipe. When the teacher
+    settings changed, it is retrained from nothing with ``overwrite`` (its old folder is cleared)
+    and refused otherwise, naming the fields that changed; ``resume`` continues an unfinished
+    teacher only under the same settings.
 
     With ``teacher.cache`` the students read the teacher's outputs from that cache (built first
     when it does not exist; :mod:`distill.cache`). ``cache_only``: stop once the cache is ready
@@ -146,6 +204,19 @@ def run_recipe(recipe: Recipe, *, out_dir: str | Path | None = None, progress: b
     Everything that can be checked is checked before any training: models are built, the
     Distiller is constructed (tap paths resolved) and prepared on one batch (adapter shapes).
     """
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: --resume continues the runs, --overwrite "
+                         "replaces them")
+    base = Path(out_dir or recipe.output_dir) / recipe.name
+    # one process runs a recipe's folder at a time (under torchrun: rank 0, the only writer, locks it)
+    with RunLock(base, f"distill run {recipe.name}") if is_main_process() else nullcontext():
+        return _run_recipe(recipe, base=base, progress=progress, resume=resume, seeds=seeds,
+                           cache_only=cache_only, overwrite=overwrite)
+
+
+def _run_recipe(recipe: Recipe, *, base: Path, progress: bool, resume: bool, seeds: list[int] | None,
+                cache_only: bool, overwrite: bool) -> list[Path]:
+    """:func:`run_recipe` in its locked folder ``base``."""
     from distill.distiller import Distiller
     from distill.methods import create_method
     from distill.teachers import EnsembleTeacher, FrozenTeacher
@@ -153,14 +224,12 @@ def run_recipe(recipe: Recipe, *, out_dir: str | Path | None = None, progress: b
     from distill.train.checkpoint import load_model
 
     losses = validate_losses(recipe.losses)
+    _check_devices(recipe)  # before any work: a CPU-only build asked for 'cuda' fails here, not after the teacher
     if cache_only and (recipe.kind != "distill" or recipe.teacher is None or recipe.teacher.cache is None):
         from distill.recipes import RecipeError
 
         raise RecipeError(f"{recipe.name}: cache_only needs a distillation recipe whose teacher has a 'cache' section")
-    base = Path(out_dir or recipe.output_dir) / recipe.name
     base.mkdir(parents=True, exist_ok=True)
-    if is_main_process():
-        (base / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     seeds = seeds or recipe.seeds
     data = build_data(recipe.data, seed=seeds[0])
     info = data[2]
@@ -190,7 +259,14 @@ def run_recipe(recipe: Recipe, *, out_dir: str | Path | None = None, progress: b
         probe_teacher = probe_teacher[0]
     probe_student = build_model(recipe.student, info["num_classes"], info["in_channels"])
     _check_taps(losses, probe_student, probe_teacher)
+    _check_widths(recipe, losses, probe_student, probe_teacher, data)
     make_distiller(probe_student, probe_teacher)
+    # ---- and before any training: the folders this run writes may be written (resume, overwrite)
+    if is_main_process():
+        _check_folders(recipe, losses, base, seeds, resume=resume, overwrite=overwrite, cache_only=cache_only)
+        # only now: a refused run leaves the recipe of the results already there
+        atomic_write_text(base / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    barrier()
 
     if recipe.kind == "train":
         dirs = []
@@ -200,7 +276,8 @@ def run_recipe(recipe: Recipe, *, out_dir: str | Path | None = None, progress: b
             torch.manual_seed(s)
             model = build_model(recipe.student, info["num_classes"], info["in_channels"])
             train_model(model, recipe.student, recipe.train, build_data(recipe.data, s), run_dir,
-                        label_smoothing=eps, seed=s, progress=progress, resume=resume)
+                        label_smoothing=eps, seed=s, progress=progress, resume=resume,
+                        fingerprint=recipe_fingerprint(recipe, losses, s))
             dirs.append(run_dir)
         _report(base, dirs, recipe.name)
         return dirs
@@ -215,24 +292,21 @@ def run_recipe(recipe: Recipe, *, out_dir: str | Path | None = None, progress: b
             if spec.checkpoint is not None:
                 continue
             tdir = base / (f"teacher{i}" if len(members) > 1 else "teacher")
-            # dense-target settings enter only when used: teachers trained before they existed stay valid
-            unused = {"train_subset"} | ({"targets", "heatmap_sigma"} if recipe.data.targets == "labels" else set())
-            fingerprint = {"model": spec.model_dump(mode="json"), "train": t.train.model_dump(mode="json") if t.train
-                           else None, "label_smoothing": t.label_smoothing, "train_subset": t.train_subset,
-                           "data": recipe.data.model_dump(mode="json", exclude=unused), "member": i}
+            fingerprint = teacher_fingerprint(recipe, i)
             spec_file = tdir / "teacher_spec.json"
-            if (tdir / "model.pt").is_file() and spec_file.is_file() and json.loads(spec_file.read_text()) == fingerprint:
-                teacher_models[i], member_metadata[i] = load_model(tdir / "model.pt", teacher_models[i])
+            if (tdir / MODEL_FILE).is_file() and spec_file.is_file() and \
+                    read_json(spec_file, "teacher spec", remedy="delete it to retrain the teacher") == fingerprint:
+                teacher_models[i], member_metadata[i] = load_model(tdir / MODEL_FILE, teacher_models[i])
                 console.print(f"[dim]reusing the trained teacher in {tdir}[/dim]")
                 continue
-            if (tdir / "model.pt").is_file():
-                console.print(f"[yellow]the teacher settings changed since {tdir} was trained: retraining[/yellow]")
+            # _check_folders cleared a teacher of other settings (overwrite) or refused to go on
             console.print(f"training teacher {spec.name} → {tdir}")
             train_model(teacher_models[i], spec, t.train, teacher_data, tdir,  # type: ignore[arg-type]
-                        label_smoothing=t.label_smoothing, seed=seeds[0] + i, progress=progress, resume=resume)
+                        label_smoothing=t.label_smoothing, seed=seeds[0] + i, progress=progress, resume=resume,
+                        fingerprint={**fingerprint, "seed": seeds[0] + i})
             if is_main_process():
-                spec_file.write_text(json.dumps(fingerprint, indent=2))
-            teacher_models[i], member_metadata[i] = load_model(tdir / "model.pt", teacher_models[i])
+                atomic_write_json(spec_file, fingerprint)
+            teacher_models[i], member_metadata[i] = load_model(tdir / MODEL_FILE, teacher_models[i])
         dtype = getattr(torch, t.dtype) if t.dtype else None
         metadata = _combine_metadata(member_metadata)
         if recipe.strategy is not None:  # a strategy gets the models as they are (it may train them further)
@@ -249,8 +323,8 @@ def run_recipe(recipe: Recipe, *, out_dir: str | Path | None = None, progress: b
 
     if recipe.strategy is not None:
         models = teacher_models[0] if len(teacher_models) == 1 else (teacher_models or None)
-        dirs = [_run_strategy(recipe, s, base / f"seed{s}", info, models, progress=progress, resume=resume)
-                for s in seeds]
+        dirs = [_run_strategy(recipe, s, base / f"seed{s}", info, models, progress=progress, resume=resume,
+                              fingerprint=recipe_fingerprint(recipe, losses, s)) for s in seeds]
         _report(base, dirs, recipe.name)
         return dirs
 
@@ -264,32 +338,37 @@ def run_recipe(recipe: Recipe, *, out_dir: str | Path | None = None, progress: b
         student = build_model(recipe.student, info["num_classes"], info["in_channels"])
         d = make_distiller(student, teacher)
         t0 = time.perf_counter()
+        spec = recipe_fingerprint(recipe, losses, s)
+        stage_time = 0.0
         if recipe.hint_stage is not None:
             console.print(f"hint stage ({recipe.hint_stage.method}, {recipe.hint_stage.train.epochs} epochs)")
-            fit_hint_stage(d, train_loader, method=recipe.hint_stage.method, weight=recipe.hint_stage.weight,
-                           seed=s, progress=progress,
-                           run_dir=run_dir / "hint_stage", resume=resume, **_fit_kwargs(recipe.hint_stage.train))
+            hint = fit_hint_stage(d, train_loader, method=recipe.hint_stage.method, weight=recipe.hint_stage.weight,
+                                  seed=s, progress=progress, run_dir=run_dir / "hint_stage", resume=resume,
+                                  fingerprint=spec, **_fit_kwargs(recipe.hint_stage.train))
+            stage_time = hint.time_s or 0.0
         result = fit(d, train_loader, val_loader, run_dir=run_dir, seed=s, progress=progress, resume=resume,
-                     **_fit_kwargs(recipe.train))
+                     fingerprint=spec, **_fit_kwargs(recipe.train))
         last = result.history[-1] if result.history else {}
         summary = {
             "name": recipe.name, "kind": "distill", "group": recipe.name, "losses": losses, "seed": s,
             "epochs": recipe.train.epochs, "last_acc": result.last_acc, "best_acc": result.best_acc,
-            "best_epoch": result.best_epoch, "time_s": time.perf_counter() - t0,
+            "best_epoch": result.best_epoch,
+            # the training time of every session (a resumed run's included), hint stage and all
+            "time_s": stage_time + result.time_s if result.time_s is not None else time.perf_counter() - t0,
             "teacher_acc": last.get("val_teacher_acc"), "agreement": last.get("val_agreement"),
             "kl_to_teacher": last.get("val_kl_to_teacher"),
             "teacher_label_smoothing": (metadata or {}).get("label_smoothing"),
             "data": info, "notes": ls_notes(metadata, losses) if teacher is not None else [],
         }
         if is_main_process():
-            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+            atomic_write_json(run_dir / "summary.json", summary, default=str)
         dirs.append(run_dir)
     _report(base, dirs, recipe.name)
     return dirs
 
 
 def _run_strategy(recipe: Recipe, seed: int, run_dir: Path, info: dict[str, Any], teacher: Any, *,
-                  progress: bool, resume: bool) -> Path:
+                  progress: bool, resume: bool, fingerprint: dict[str, Any] | None = None) -> Path:
     """One seed of a recipe whose ``strategy`` trains instead of one ``fit``; writes ``summary.json``."""
     import inspect
 
@@ -321,6 +400,8 @@ def _run_strategy(recipe: Recipe, seed: int, run_dir: Path, info: dict[str, Any]
     epochs = fit_kwargs.pop("epochs")
     if resume:
         fit_kwargs["resume"] = True
+    if fingerprint is not None:  # every fit (or cohort loop) of the strategy records the recipe's
+        fit_kwargs["fingerprint"] = fingerprint
     torch.manual_seed(seed)
 
     def student() -> nn.Module:  # cohorts and generations build fresh students of the recipe's model
@@ -333,7 +414,8 @@ def _run_strategy(recipe: Recipe, seed: int, run_dir: Path, info: dict[str, Any]
     summary = {
         "name": recipe.name, "kind": "distill", "group": recipe.name, "strategy": spec.name,
         "strategy_args": spec.args, "losses": {}, "seed": seed, "epochs": epochs, "last_acc": result.last_acc,
-        "best_acc": result.best_acc, "best_epoch": result.best_epoch, "time_s": time.perf_counter() - t0,
+        "best_acc": result.best_acc, "best_epoch": result.best_epoch,
+        "time_s": _strategy_time(result, t0),
         "teacher_acc": last.get("val_teacher_acc"), "agreement": last.get("val_agreement"),
         "data": info, "notes": [],
         # a cohort's validation score (its accuracy, or the heatmap MSE of a dense strategy, which has no accuracy)
@@ -341,8 +423,133 @@ def _run_strategy(recipe: Recipe, seed: int, run_dir: Path, info: dict[str, Any]
     }
     if is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        atomic_write_json(run_dir / "summary.json", summary, default=str)
     return run_dir
+
+
+def _strategy_time(result: Any, t0: float) -> float:
+    """A strategy's training time over every session (a resumed run's included): its own ``time_s``,
+    else the sum of its stages' (chains), else the wall time since ``t0``."""
+    if getattr(result, "time_s", None) is not None:
+        return float(result.time_s)
+    stages = getattr(result, "stages", None)
+    if stages and all(getattr(st, "time_s", None) is not None for st in stages):
+        return float(sum(st.time_s for st in stages))
+    return time.perf_counter() - t0
+
+
+# settings that may change when a run is resumed: where it runs, what it logs, kernel choice; the number
+# of epochs is checked by fit itself (a run may be extended when its schedule does not depend on it)
+_FREE_TRAIN_KEYS = {"device", "loggers", "deterministic"}
+
+
+def recipe_fingerprint(recipe: Recipe, losses: dict[str, dict[str, Any]], seed: int) -> dict[str, Any]:
+    """The fields of a validated recipe that determine one seed's result, as every checkpoint of the
+    run records them and ``resume`` compares them (:func:`distill.train.rundir.check_fingerprint`).
+
+    ``recipe.model_dump(mode="json")`` with the validated ``losses`` (``{"kd": 1.0}`` and
+    ``{"kd": {"weight": 1.0}}`` are the same recipe) and ``seed``; left out, because they may change
+    on resume without changing the result: ``seeds`` (the list; this run's seed is in), ``output_dir``,
+    ``data.root``, ``device``/``loggers``/``deterministic`` of every ``train`` section,
+    ``teacher.cache.path``/``verify``, and ``train.epochs``/``hint_stage.train.epochs`` (``fit`` checks
+    those itself: a run may be extended when its schedule does not depend on the number of epochs).
+    """
+    exclude: dict[str, Any] = {
+        "seeds": True, "output_dir": True, "losses": True, "data": {"root"},
+        "train": _FREE_TRAIN_KEYS | {"epochs"},
+        "hint_stage": {"train": _FREE_TRAIN_KEYS | {"epochs"}},
+        "teacher": {"train": _FREE_TRAIN_KEYS, "cache": {"path", "verify"}},
+    }
+    return normalize_fingerprint({**recipe.model_dump(mode="json", exclude=exclude), "losses": losses, "seed": seed})
+
+
+def teacher_fingerprint(recipe: Recipe, member: int) -> dict[str, Any]:
+    """What ``teacher_spec.json`` records of an in-run teacher (``recipe.teacher.members()[member]``):
+    its model, training protocol, label smoothing, data; a trained teacher is reused only when the
+    recipe's is the same."""
+    t = recipe.teacher
+    assert t is not None
+    spec = t.members()[member]
+    # dense-target settings enter only when used: teachers trained before they existed stay valid
+    unused = {"train_subset"} | ({"targets", "heatmap_sigma"} if recipe.data.targets == "labels" else set())
+    # loggers change no weight: adding one (or the key itself, new) keeps a trained teacher valid
+    train_spec = t.train.model_dump(mode="json", exclude={"loggers"}) if t.train else None
+    return {"model": spec.model_dump(mode="json"), "train": train_spec,
+            "label_smoothing": t.label_smoothing, "train_subset": t.train_subset,
+            "data": recipe.data.model_dump(mode="json", exclude=unused), "member": member}
+
+
+def _check_folders(recipe: Recipe, losses: dict[str, dict[str, Any]], base: Path, seeds: list[int], *,
+                   resume: bool, overwrite: bool, cache_only: bool) -> None:
+    """Before any training: may this run write its teacher and seed folders? (see :func:`run_recipe`)."""
+    from distill.train.checkpoint import load_checkpoint
+    from distill.train.rundir import check_epochs
+
+    for s in [] if cache_only else seeds:  # first: a folder that holds results is the first thing to say
+        run_dir = base / f"seed{s}"
+        if not has_results(run_dir, deep=True):
+            if resume:
+                console.print(f"[dim]nothing to resume in {run_dir}: starting afresh[/dim]")
+            continue
+        if overwrite:
+            console.print(f"[yellow]replacing the results in {run_dir} (--overwrite)[/yellow]")
+            clear_run_dir(run_dir)
+            continue
+        if not resume:
+            raise RunFolderError(f"{run_dir} already holds results of a run: pass --resume to continue it or "
+                                 "--overwrite to replace it (or --out to write elsewhere)")
+        if recipe.strategy is not None:  # each stage's fit checks its own folder; here: something to resume
+            if not any(run_dir.rglob("last.pt")):
+                raise ResumeError(f"cannot resume {run_dir}: it holds results but no checkpoints/last.pt; "
+                                  "pass --overwrite to replace them")
+            continue
+        now = recipe_fingerprint(recipe, losses, s)
+        stages = [(run_dir, recipe.train)]
+        if recipe.hint_stage is not None:
+            stages.insert(0, (run_dir / "hint_stage", recipe.hint_stage.train))
+        for folder, train in stages:
+            last = folder / "checkpoints" / "last.pt"
+            if last.is_file():
+                state = load_checkpoint(last)
+                check_fingerprint(state, now, last)
+                check_epochs(state, train.epochs, train.schedule, train.milestones, last)
+            elif has_results(folder):
+                raise ResumeError(f"cannot resume {folder}: it holds results but no checkpoints/last.pt (the run "
+                                  "ended before its first checkpoint, or the file was removed); pass --overwrite "
+                                  "to replace them")
+    # the teachers trained in the run: reused when their settings match, else retrained from nothing
+    members = recipe.teacher.members() if recipe.kind == "distill" and recipe.teacher is not None else []
+    for i, spec in enumerate(members):
+        if spec.checkpoint is not None:
+            continue
+        tdir = base / (f"teacher{i}" if len(members) > 1 else "teacher")
+        now = teacher_fingerprint(recipe, i)
+        spec_file = tdir / "teacher_spec.json"
+        saved = read_json(spec_file, "teacher spec", remedy="delete it to retrain the teacher") \
+            if spec_file.is_file() else None
+        finished = (tdir / MODEL_FILE).is_file()
+        if (finished and saved == now) or not has_results(tdir):
+            continue  # reused as it is, or trained afresh in an empty folder
+        if overwrite:
+            console.print(f"[yellow]retraining the teacher in {tdir} from nothing (--overwrite)[/yellow]")
+            clear_run_dir(tdir)
+            continue
+        if finished:
+            changed = "; ".join(f"{k}: trained with {json.dumps(a)}, now {json.dumps(b)}"
+                                for k, a, b in fingerprint_diff(saved, now)) if saved is not None else \
+                "its teacher_spec.json is missing"
+            raise SpecMismatchError(
+                f"the teacher in {tdir} was trained with other settings ({changed}): pass --overwrite to retrain it "
+                "from nothing (its folder is cleared, the seeds' results too), or restore the settings it was "
+                "trained with", fingerprint_diff(saved, now) if saved is not None else [])
+        last = tdir / "checkpoints" / "last.pt"
+        if not resume:
+            raise RunFolderError(f"{tdir} holds an unfinished teacher's results: pass --resume to continue it or "
+                                 "--overwrite to train it afresh")
+        if not last.is_file():
+            raise ResumeError(f"cannot resume the teacher in {tdir}: it holds results but no checkpoints/last.pt; "
+                              "pass --overwrite to train it afresh")
+        check_fingerprint(load_checkpoint(last), {**now, "seed": seeds[0] + i}, last)
 
 
 def _combine_metadata(members: list[dict[str, Any] | None]) -> dict[str, Any] | None:
@@ -351,6 +558,78 @@ def _combine_metadata(members: list[dict[str, Any] | None]) -> dict[str, Any] | 
         return None if len(members) != 1 else members[0]
     return {"label_smoothing": max(float(m["label_smoothing"]) for m in members if m is not None),
             "members": members}
+
+
+def _train_specs(recipe: Recipe) -> list[tuple[str, TrainSpec]]:
+    """Every training protocol of a recipe with its key."""
+    specs = [("train", recipe.train)]
+    if recipe.teacher is not None and recipe.teacher.train is not None:
+        specs.append(("teacher.train", recipe.teacher.train))
+    if recipe.hint_stage is not None:
+        specs.append(("hint_stage.train", recipe.hint_stage.train))
+    return specs
+
+
+def _check_devices(recipe: Recipe) -> None:
+    """Each ``train.device`` exists on this machine; deterministic runs get cuBLAS's workspace setting
+    now, before anything in this process touches CUDA."""
+    from distill.recipes import RecipeError
+    from distill.teachers import require_device
+    from distill.train.loop import set_cublas_workspace_config
+
+    for key, spec in _train_specs(recipe):
+        if spec.device is not None:
+            try:
+                require_device(spec.device, f"{key}.device")
+            except RuntimeError as e:
+                raise RecipeError(f"{recipe.name}: {e}") from None
+        if spec.deterministic:
+            set_cublas_workspace_config()
+
+
+def _width(model: nn.Module, x: torch.Tensor) -> int:
+    """The number of outputs (logits' last dimension) of ``model`` on inputs ``x``, in eval mode."""
+    from distill.taps import logits_of
+
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            return int(logits_of(model(x)).shape[-1])
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def _check_widths(recipe: Recipe, losses: dict[str, dict[str, Any]], student: nn.Module, teacher: Any,
+                  data: tuple[Any, Any, dict[str, Any]]) -> None:
+    """Before any training: the student (and each teacher) has an output per class of the data, and
+    the student as many as the teacher when a loss compares their logits; a clear error names the keys."""
+    from distill.distiller import reads_teacher_logits
+    from distill.methods import create_method
+    from distill.recipes import RecipeError
+
+    if recipe.data.targets != "labels":  # dense target maps: the outputs are not one logit per class
+        return
+    info = data[2]
+    x = next(iter(data[1])).inputs[:2]  # two validation images: eval mode, nothing is trained
+    k = info["num_classes"]
+    s_width = _width(student, x)
+    models = teacher if isinstance(teacher, list) else [teacher] if teacher is not None else []
+    t_keys = ["teacher.model"] if recipe.teacher is not None and recipe.teacher.model is not None else \
+        [f"teacher.ensemble[{i}]" for i in range(len(models))]
+    widths = [(key, _width(m, x)) for key, m in zip(t_keys, models)]
+    for key, width in [("student", s_width), *widths]:
+        if width < k:
+            raise RecipeError(f"{recipe.name}: {key} has {width} outputs, but data set {info['dataset']!r} has {k} "
+                              f"classes (labels 0..{k - 1}): remove {key}.kwargs.num_classes (the data's count is "
+                              f"used by default) or set it to {k}")
+    readers = [n for n, kw in losses.items() if reads_teacher_logits(create_method(n, **kw))]
+    for key, width in widths:
+        if readers and width != s_width:
+            raise RecipeError(f"{recipe.name}: the student has {s_width} outputs but {key} has {width}, and the "
+                              f"losses {readers} compare their logits class by class: make student.kwargs.num_classes "
+                              f"and {key}.kwargs.num_classes equal")
 
 
 def _check_taps(losses: dict[str, dict[str, Any]], student: nn.Module, teacher: Any) -> None:

@@ -7,6 +7,7 @@ peers and the student's own deeper exit plug into the same interface (:class:`Te
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -73,7 +74,9 @@ class FrozenTeacher(TeacherSource):
         metadata: what is known of its training, e.g. ``{"label_smoothing": 0.1}``.
 
     The teacher stays in eval mode whatever ``.train()`` is called on an enclosing module, so
-    its BatchNorm statistics and dropout never change (a pitfall of some peer libraries).
+    its BatchNorm statistics and dropout never change (a pitfall of some peer libraries). Under
+    float16 autocast it runs outside autocast (:func:`outside_fp16_autocast`): its logits keep
+    their float32 range whatever the student's mixed precision.
     """
 
     supports_taps = True
@@ -123,7 +126,7 @@ class FrozenTeacher(TeacherSource):
             x = x.to(self.device)
         if self.dtype is not None and x.is_floating_point():
             x = x.to(self.dtype)
-        with torch.no_grad():
+        with torch.no_grad(), outside_fp16_autocast(x.device.type):
             if self._taps is None:
                 view: View = {"logits": logits_of(self.model(x))}
             else:
@@ -186,7 +189,12 @@ class EnsembleTeacher(TeacherSource):
         self.register_buffer("weights", w / w.sum(), persistent=False)
 
     def forward(self, batch: Batch) -> View:
-        logits = torch.stack([m(batch)["logits"] for m in self.members])  # (M, B, K)
+        views = [m(batch)["logits"] for m in self.members]
+        if len({v.shape for v in views}) > 1:
+            raise ValueError("the ensemble's members disagree on the logits' shape: "
+                             + ", ".join(f"member {i}: {tuple(v.shape)}" for i, v in enumerate(views))
+                             + "; every member must predict the same classes")
+        logits = torch.stack(views)  # (M, B, K)
         w = self.weights.to(device=logits.device, dtype=logits.dtype).view(-1, 1, 1)
         if self.combine == "logits":
             return {"logits": (w * logits).sum(0)}
@@ -208,9 +216,73 @@ def as_teacher_source(teacher: Any) -> TeacherSource | None:
     )
 
 
+def outside_fp16_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
+    """Switch autocast off where it would run in float16 (a no-op otherwise, bf16 included).
+
+    A confident teacher's logits exceed float16's range (largest finite 65504): under fp16
+    autocast they become ``inf`` and every softmax of them ``nan`` at the first step. Teacher
+    sources run their model inside this context, so the teacher computes in its own dtype (float32,
+    or the ``dtype`` it was given) while the student trains under fp16 autocast.
+    """
+    try:
+        fp16 = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.float16
+    except RuntimeError:  # a device type autocast does not know (meta): no autocast to leave
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False) if fp16 else contextlib.nullcontext()
+
+
 def check_logits(view: View, who: str) -> Tensor:
     logits = view.get("logits")
     if not isinstance(logits, Tensor) or logits.dim() != 2:
         shape = None if not isinstance(logits, Tensor) else tuple(logits.shape)
         raise ValueError(f"{who} logits must be a (B, K) tensor, got shape {shape}")
     return logits
+
+
+# ----------------------------------------------------------------------------------- devices
+# where a model runs is chosen here, beside the teacher sources: the loop, the runner and the
+# recipes (above) all validate a device the same way
+
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def parse_device(spec: str | torch.device, key: str = "device") -> torch.device:
+    """A device from ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``; a clear error naming ``key`` otherwise.
+
+    Only the spelling is checked here (a recipe may be validated on another machine than the one
+    that runs it); :func:`require_device` checks that the device exists.
+    """
+    if isinstance(spec, torch.device):
+        dev = spec
+    else:
+        if not isinstance(spec, str):
+            raise ValueError(f"{key} must be a string such as 'cpu', 'cuda' or 'cuda:0', got {spec!r}")
+        hint = " (PyTorch calls a GPU 'cuda')" if spec.strip().lower().startswith("gpu") else ""
+        try:
+            dev = torch.device(spec)
+        except (RuntimeError, ValueError):
+            raise ValueError(f"{key}: {spec!r} is not a device; expected one of 'cpu', 'cuda', 'cuda:N' (N a GPU "
+                             f"index) or 'mps'{hint}") from None
+    if dev.type not in DEVICE_TYPES:
+        raise ValueError(f"{key}: {str(spec)!r} is not a device distill trains on; expected one of 'cpu', 'cuda', "
+                         "'cuda:N' or 'mps'")
+    return dev
+
+
+def require_device(spec: str | torch.device, key: str = "device") -> torch.device:
+    """:func:`parse_device`, then check that this machine has the device; raises ``RuntimeError`` naming
+    ``key`` when it does not (call it before any work: a CPU-only torch build, a GPU index too high)."""
+    dev = parse_device(spec, key)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "this torch build has no CUDA support" if torch.version.cuda is None else \
+                "no CUDA GPU is visible (torch.cuda.is_available() is False)"
+            raise RuntimeError(f"{key}: {str(spec)!r} was asked for, but {build} (torch {torch.__version__}); "
+                               "use 'cpu', or run where a GPU is available")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise RuntimeError(f"{key}: {str(spec)!r} was asked for, but this machine has {count} CUDA GPU(s) "
+                               f"(indices 0..{count - 1})")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise RuntimeError(f"{key}: {str(spec)!r} was asked for, but MPS (Apple GPU) is not available here; use 'cpu'")
+    return dev

@@ -7,18 +7,22 @@ file is a pickled dict with ``data`` (N, 3072) uint8 in channel-major order (R p
 B plane of 32x32) and ``labels`` (CIFAR-10) or ``fine_labels`` (CIFAR-100). Nothing is
 downloaded: point ``root`` at the folder (or its parent).
 
-The files are pickles: load only files you trust (these are the official ones).
+The files are pickles. They are read with a restricted unpickler (:func:`distill.files.safe_unpickle`)
+that builds only plain containers, numbers, strings and NumPy arrays: a file that names any other
+global (``os.system``, a class with ``__reduce__``) is refused with a :class:`CIFARFormatError`
+naming the file and the global, and nothing of it runs.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from distill.files import CorruptFileError, safe_unpickle
 
 __all__ = ["CIFARFormatError", "load_cifar10", "load_cifar100"]
 
@@ -55,11 +59,11 @@ def _read(file: Path, classes: int) -> tuple[np.ndarray, np.ndarray]:
     if not file.is_file():
         raise FileNotFoundError(f"missing CIFAR-{classes} file {str(file)!r}; expected "
                                 f"{', '.join(_FILES[classes]['train'] + _FILES[classes]['test'])}")
-    try:
-        with open(file, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
-    except (pickle.UnpicklingError, EOFError, ValueError) as e:
-        raise CIFARFormatError(f"{file}: not a CIFAR pickle ({e})") from None
+    try:  # latin1: the official files hold NumPy data pickled by Python 2
+        entry = safe_unpickle(file, f"CIFAR-{classes} file", encoding="latin1",
+                              remedy="replace it with the official file from the data set's site")
+    except CorruptFileError as e:  # unsafe (names a global outside NumPy arrays and builtins) or not a pickle
+        raise CIFARFormatError(f"{file}: not a CIFAR pickle: {e}") from None
     if not isinstance(entry, dict):
         raise CIFARFormatError(f"{file}: expected a pickled dict, got {type(entry).__name__}")
     # files written by Python 2 pickle have bytes keys

@@ -19,10 +19,35 @@ from distill.data.augment import (
     split_mixup,
 )
 
-__all__ = ["GlobalBatchShards", "InMemoryLoader", "IndexedTensorDataset", "check_shard", "in_memory_tensors", "mix_seed",
-           "shard_wrapped"]
+__all__ = ["GlobalBatchShards", "InMemoryLoader", "IndexedTensorDataset", "NonFiniteInputError", "check_finite",
+           "check_shard", "in_memory_tensors", "mix_seed", "shard_wrapped"]
 
 SHARD_SPLITS = ("batch", "samples")
+
+
+class NonFiniteInputError(ValueError):
+    """Inputs holding NaN or infinite values (a corrupted file, a bad normalisation)."""
+
+
+def check_finite(inputs: Any, where: str) -> None:
+    """Raise :class:`NonFiniteInputError` naming ``where`` and the counts when a floating-point
+    ``inputs`` tensor holds NaN or ±inf values (other inputs pass). One pass over the data, no copy
+    of it beyond a boolean mask per chunk."""
+    if not isinstance(inputs, Tensor) or not inputs.is_floating_point() or inputs.numel() == 0:
+        return
+    nan = inf = 0
+    flat = inputs.reshape(-1)
+    for lo in range(0, flat.numel(), 1 << 24):  # chunks: a mask of the whole of a large set would double it
+        part = flat[lo:lo + (1 << 24)]
+        nan += int(torch.isnan(part).sum())
+        inf += int(torch.isinf(part).sum())
+    if nan or inf:
+        samples = int((~torch.isfinite(inputs.reshape(inputs.shape[0], -1))).any(1).sum()) if inputs.dim() else 1
+        raise NonFiniteInputError(
+            f"{where} holds non-finite inputs: {nan} NaN and {inf} inf value(s) in {samples} sample(s); the "
+            "loss would be NaN from the first step. Fix or drop those samples (a corrupted file? a division by "
+            "a zero standard deviation in the normalisation?)"
+        )
 
 
 def _check_pair(inputs: Tensor, targets: Tensor | None, who: str) -> None:

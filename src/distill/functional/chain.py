@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from distill.functional._precision import fp32
 from distill.functional.core import kd_loss
 
 __all__ = [
@@ -104,7 +105,7 @@ def softmax_mse_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     classes is this value times K.
     """
     _check_pair(student_logits, teacher_logits)
-    diff = F.softmax(student_logits, dim=1) - F.softmax(teacher_logits, dim=1)
+    diff = F.softmax(fp32(student_logits), dim=1) - F.softmax(fp32(teacher_logits), dim=1)
     return diff.pow(2).mean()
 
 
@@ -145,7 +146,7 @@ def cwtm_weights(teacher_logits: Tensor) -> Tensor:
     The weights sum to 1 (BAN, Section 3.2, "Confidence-Weighted by Teacher Max").
     """
     _check_logits(teacher_logits, "teacher_logits")
-    top = F.softmax(teacher_logits, dim=1).amax(dim=1)
+    top = F.softmax(fp32(teacher_logits), dim=1).amax(dim=1)
     return top / top.sum()
 
 

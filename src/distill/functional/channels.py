@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from distill.functional._precision import fp32
+
 __all__ = [
     "channel_log_softmax",
     "cwd_loss",
@@ -52,7 +54,7 @@ def channel_log_softmax(feature: Tensor, tau: float = 4.0) -> Tensor:
     """
     if feature.dim() != 4:
         raise ValueError(f"channel_log_softmax needs a (B, C, H, W) map, got {tuple(feature.shape)}")
-    return F.log_softmax(feature.flatten(2) / tau, dim=2)
+    return F.log_softmax(fp32(feature).flatten(2) / tau, dim=2)
 
 
 def cwd_loss(student: Tensor, teacher: Tensor, tau: float = 4.0) -> Tensor:

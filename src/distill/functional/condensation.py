@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from distill.functional._precision import fp32
+
 __all__ = [
     "KCDPartition",
     "kcd_partition",
@@ -55,7 +57,7 @@ def kcd_value(student_logits: Tensor) -> Tensor:
     if student_logits.dim() != 2:
         raise ValueError(f"kcd_value expects logits (B, K), got shape {tuple(student_logits.shape)}")
     logits = student_logits.float() if student_logits.dtype in (torch.float16, torch.bfloat16) else student_logits
-    log_p = F.log_softmax(logits, dim=1)
+    log_p = F.log_softmax(fp32(logits), dim=1)
     return -(log_p.exp() * log_p).sum(dim=1)
 
 

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from distill.functional._precision import fp32
+
 __all__ = [
     "cross_entropy",
     "smooth_targets",
@@ -67,7 +69,7 @@ def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     Interpretation of Feedforward Classification Network Outputs, with Relationships to
     Statistical Pattern Recognition", Neurocomputing (NATO ASI F68), 1990.
     """
-    return F.cross_entropy(logits, targets)
+    return F.cross_entropy(fp32(logits), targets)
 
 
 def smooth_targets(targets: Tensor, num_classes: int, eps: float, dtype: torch.dtype | None = None) -> Tensor:
@@ -102,7 +104,7 @@ def label_smoothing_loss(logits: Tensor, targets: Tensor, eps: float = 0.1) -> T
     the two are compatible at low temperature (T = 1) and that the effect depends on the
     temperature used for distillation. Record whether a teacher was trained with LS.
     """
-    log_p = F.log_softmax(logits, dim=1)
+    log_p = F.log_softmax(fp32(logits), dim=1)
     q = smooth_targets(targets, logits.shape[1], eps, dtype=log_p.dtype).to(log_p.device)
     return -(q * log_p).sum(dim=1).mean()
 
@@ -133,7 +135,7 @@ def mixed_label_loss(logits: Tensor, targets: Tensor, mix_targets: Tensor, lam: 
         raise ValueError(f"mixed_label_loss expects targets, mix_targets and lam of shape ({b},) for logits "
                          f"{tuple(logits.shape)}; got {tuple(targets.shape)}, {tuple(mix_targets.shape)}, "
                          f"{tuple(lam.shape)}")
-    log_p = F.log_softmax(logits, dim=1)
+    log_p = F.log_softmax(fp32(logits), dim=1)
     nll = -log_p.gather(1, torch.stack([targets, mix_targets], 1).long())  # (B, 2)
     w = lam.to(log_p.dtype)
     per_sample = w * nll[:, 0] + (1 - w) * nll[:, 1]
@@ -163,8 +165,8 @@ def kd_per_sample(student_logits: Tensor, teacher_logits: Tensor, T: float | Ten
     :math:`p^T = \operatorname{softmax}(t / T)` (teacher), :math:`q^T = \operatorname{softmax}(s / T)`
     (student). See :func:`kd_loss`.
     """
-    log_q = F.log_softmax(student_logits / T, dim=1)
-    log_p = F.log_softmax(teacher_logits / T, dim=1)
+    log_q = F.log_softmax(fp32(student_logits) / T, dim=1)
+    log_p = F.log_softmax(fp32(teacher_logits) / T, dim=1)
     return kl_rows(log_p, log_q) * (T * T)
 
 
@@ -191,8 +193,8 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float | Tensor = 
     # one fused kernel (forward and backward) instead of the per-sample composition: equal to
     # kd_per_sample(...).mean() (tested), and it keeps the KD step's cost at that of the
     # hand-written loss on a GPU, where small models are bound by kernel launches
-    log_q = F.log_softmax(student_logits / T, dim=1)
-    log_p = F.log_softmax(teacher_logits / T, dim=1)
+    log_q = F.log_softmax(fp32(student_logits) / T, dim=1)
+    log_p = F.log_softmax(fp32(teacher_logits) / T, dim=1)
     return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True) * (T * T)
 
 
@@ -311,7 +313,7 @@ def dkd_per_sample(
     if student_logits.shape[1] < 2:
         raise ValueError("DKD needs at least 2 classes")
     y = targets.long().view(-1, 1)
-    s, t = student_logits / T, teacher_logits / T
+    s, t = fp32(student_logits) / T, fp32(teacher_logits) / T
     s_nt, t_nt = _non_target(s, targets), _non_target(t, targets)
     lse_s, lse_t = torch.logsumexp(s, dim=1, keepdim=True), torch.logsumexp(t, dim=1, keepdim=True)
     # binary [target, rest] log-probabilities, computed stably
@@ -388,8 +390,8 @@ def dist_parts(student_logits: Tensor, teacher_logits: Tensor, T: float | Tensor
     * intra-class: :math:`\frac{T^2}{K} \sum_k \big(1 - \rho(Y^s_{:,k}, Y^t_{:,k})\big)`
       (correlation over the batch, per class)
     """
-    y_s = F.softmax(student_logits / T, dim=1)
-    y_t = F.softmax(teacher_logits / T, dim=1)
+    y_s = F.softmax(fp32(student_logits) / T, dim=1)
+    y_t = F.softmax(fp32(teacher_logits) / T, dim=1)
     inter = (1.0 - pearson_correlation(y_s, y_t, dim=1)).mean()
     intra = (1.0 - pearson_correlation(y_s, y_t, dim=0)).mean()
     return inter * (T * T), intra * (T * T)

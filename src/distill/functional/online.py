@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from distill.functional._precision import fp32
 from distill.functional.core import cross_entropy, kd_loss, kl_rows
 
 __all__ = [
@@ -78,7 +79,7 @@ def _stack_peers(peer_logits: Tensor | Sequence[Tensor], what: str) -> Tensor:
 
 def _log_mean_probs(logits: Tensor, T: float) -> Tensor:
     """log of the mean over the leading axis of softmax(logits / T): (P, B, K) → (B, K), computed stably."""
-    return torch.logsumexp(F.log_softmax(logits / T, dim=-1), dim=0) - math.log(logits.shape[0])
+    return torch.logsumexp(F.log_softmax(fp32(logits) / T, dim=-1), dim=0) - math.log(logits.shape[0])
 
 
 def _same_shape(a: Tensor, b: Tensor, a_name: str, b_name: str) -> None:
@@ -160,8 +161,8 @@ def okddip_peer_targets(peer_logits: Tensor, attention: Tensor, T: float = 3.0, 
         )
     if aggregate == "logits":
         mixed = torch.einsum("bac,cbk->abk", attention, peer_logits)
-        return F.log_softmax(mixed / T, dim=-1)
-    log_p = F.log_softmax(peer_logits / T, dim=-1)  # (M, B, K)
+        return F.log_softmax(fp32(mixed) / T, dim=-1)
+    log_p = F.log_softmax(fp32(peer_logits) / T, dim=-1)  # (M, B, K)
     # log Σ_b α_ab p_b, stably: logsumexp over b of log α_ab + log p_b
     log_alpha = attention.clamp_min(torch.finfo(attention.dtype).tiny).log().permute(1, 0, 2)  # (a, B, b)
     return torch.logsumexp(log_alpha.unsqueeze(-1) + log_p.permute(1, 0, 2).unsqueeze(0), dim=2)
@@ -177,7 +178,7 @@ def okddip_leader_target(peer_logits: Tensor, T: float = 3.0, aggregate: str = "
     if aggregate not in AGGREGATIONS:
         raise ValueError(f"aggregate must be one of {AGGREGATIONS}, got {aggregate!r}")
     if aggregate == "logits":
-        return F.log_softmax(peer_logits.mean(0) / T, dim=-1)
+        return F.log_softmax(fp32(peer_logits).mean(0) / T, dim=-1)
     return _log_mean_probs(peer_logits, T)
 
 
@@ -203,10 +204,10 @@ def okddip_parts(peer_logits: Tensor, leader_logits: Tensor, attention: Tensor, 
             f"{tuple(leader_logits.shape)} as (B, K)"
         )
     log_t = okddip_peer_targets(peer_logits, attention, T, aggregate)
-    log_p = F.log_softmax(peer_logits / T, dim=-1)
+    log_p = F.log_softmax(fp32(peer_logits) / T, dim=-1)
     peer_kd = kl_rows(log_t, log_p).mean(dim=1).sum() * (T * T)
     log_lead = okddip_leader_target(peer_logits, T, aggregate)
-    leader_kd = kl_rows(log_lead, F.log_softmax(leader_logits / T, dim=-1)).mean() * (T * T)
+    leader_kd = kl_rows(log_lead, F.log_softmax(fp32(leader_logits) / T, dim=-1)).mean() * (T * T)
     ce = sum(cross_entropy(z, targets) for z in peer_logits) + cross_entropy(leader_logits, targets)
     return {"ce": ce, "peer_kd": peer_kd, "leader_kd": leader_kd}
 
@@ -325,8 +326,8 @@ def heatmap_kl_loss(pred: Tensor, target: Tensor, weight: Tensor | None = None) 
     if w is not None:
         pred, target = pred * w, target * w
     b, _, h, wd = pred.shape
-    log_q = F.log_softmax(pred.flatten(2), dim=-1)
-    log_p = F.log_softmax(target.flatten(2), dim=-1)
+    log_q = F.log_softmax(fp32(pred).flatten(2), dim=-1)
+    log_p = F.log_softmax(fp32(target).flatten(2), dim=-1)
     return kl_rows(log_p, log_q).sum() / (b * h * wd)
 
 
@@ -383,7 +384,7 @@ def codistillation_kl(logits: Tensor, peer_logits: Tensor | Sequence[Tensor], T:
         raise ValueError(
             f"codistillation_kl: logits {tuple(logits.shape)} and peers' logits {tuple(peers.shape)} disagree"
         )
-    return kl_rows(_log_mean_probs(peers, T), F.log_softmax(logits / T, dim=-1)).mean() * (T * T)
+    return kl_rows(_log_mean_probs(peers, T), F.log_softmax(fp32(logits) / T, dim=-1)).mean() * (T * T)
 
 
 def codistillation_loss(logits: Tensor, targets: Tensor, peer_logits: Tensor | Sequence[Tensor],

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from distill.functional._precision import fp32
 from distill.functional.core import _non_target, kd_loss
 
 __all__ = [
@@ -221,7 +222,7 @@ def zipf_ls_loss(logits: Tensor, targets: Tensor, ranks: Tensor, power: float = 
     if logits.shape[1] < 2:
         raise ValueError("Zipf's label smoothing needs at least 2 classes")
     pi = zipf_targets(ranks.to(logits.device), targets, power, dtype=logits.dtype)
-    log_q = F.log_softmax(_non_target(logits, targets), dim=1)
+    log_q = F.log_softmax(_non_target(fp32(logits), targets), dim=1)
     per_sample = (pi * (pi.clamp_min(torch.finfo(pi.dtype).tiny).log() - log_q)).sum(dim=1)
     if not correct_only:
         return per_sample.mean()

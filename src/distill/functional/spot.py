@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from distill.functional._precision import fp32
+
 __all__ = [
     "gumbel_softmax_decisions",
     "spot_adaptive_loss",
@@ -59,7 +61,7 @@ def gumbel_softmax_decisions(
                        device=generator.device if generator is not None else logits.device)
         u = u.to(logits.device).clamp_(1e-10, 1.0 - 1e-10)
         z = logits - torch.log(-torch.log(u))
-    soft = F.softmax(z / tau, dim=-1)
+    soft = F.softmax(fp32(z) / tau, dim=-1)
     if not hard:
         return soft[..., 1]
     index = soft.argmax(dim=-1, keepdim=True)

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from distill.functional._precision import fp32
+
 __all__ = [
     "NaiveBayesMixture",
     "apply_transform",
@@ -288,7 +290,7 @@ def probability_regression_loss(student_logits: Tensor, teacher_probs: Tensor) -
     if student_logits.shape != teacher_probs.shape or student_logits.dim() != 2:
         raise ValueError(f"probability_regression_loss expects two (B, K) tensors of one shape; got "
                          f"{tuple(student_logits.shape)} and {tuple(teacher_probs.shape)}")
-    return (student_logits.softmax(1) - teacher_probs).pow(2).sum(1).mean()
+    return (fp32(student_logits).softmax(1) - teacher_probs).pow(2).sum(1).mean()
 
 
 # --------------------------------------------------------------------------------------------
@@ -414,7 +416,7 @@ def mean_probabilities(logits: Tensor) -> Tensor:
     """
     if not isinstance(logits, Tensor) or logits.dim() != 3:
         raise ValueError(f"mean_probabilities expects logits (T, B, K); got {logits!r}")
-    return logits.softmax(-1).mean(0)
+    return fp32(logits).softmax(-1).mean(0)
 
 
 def plurality_vote(member_logits: Tensor) -> Tensor:

@@ -10,6 +10,7 @@ is made.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
@@ -30,6 +31,17 @@ class MethodInfo:
     paper: Paper
     defaults: dict[str, Any] = field(default_factory=dict)
     summary: str = ""
+
+
+def check_weight(weight: Any, name: str) -> None:
+    """A loss weight is a finite number >= 0 (0 switches the loss off); a ``ValueError`` naming the
+    loss otherwise (a negative weight would train the student *away* from the target)."""
+    try:
+        w = float(weight)
+    except (TypeError, ValueError):
+        w = float("nan")
+    if isinstance(weight, bool) or not math.isfinite(w) or w < 0:
+        raise ValueError(f"loss {name!r}: weight must be a finite number >= 0, got {weight!r}")
 
 
 class Method(nn.Module):
@@ -55,6 +67,7 @@ class Method(nn.Module):
         super().__init__()
         if warmup_epochs < 0:
             raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+        check_weight(weight, type(self).name or type(self).__name__)
         self.weight = float(weight)
         self.warmup_epochs = int(warmup_epochs)
         self.student_taps: list[str] = []
@@ -175,4 +188,7 @@ def create_method(name: str, **kwargs: Any) -> Method:
         raise TypeError(
             f"method {name!r} got unknown argument(s) {sorted(unknown)}; it accepts {sorted(info.defaults)}"
         )
+    for key, value in kwargs.items():  # a NaN passes every `x > 0` check a constructor makes
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"method {name!r}: argument {key}={value} must be a finite number")
     return info.cls(**kwargs)

@@ -123,8 +123,8 @@ class KD(Method):
 
     def __init__(self, T: float = 4.0, weight: float = 1.0, warmup_epochs: int = 0) -> None:
         super().__init__(weight=weight, warmup_epochs=warmup_epochs)
-        if T <= 0:
-            raise ValueError(f"temperature must be > 0, got {T}")
+        if not T > 0 or T == float("inf"):  # NaN fails `T > 0` too
+            raise ValueError(f"temperature T must be a finite number > 0, got {T}")
         self.T = float(T)
 
     def forward(self, student_view: View, teacher_view: View, batch: Batch) -> Tensor:

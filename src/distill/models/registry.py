@@ -60,10 +60,20 @@ def _check_kwargs(name: str, factory: Factory, kwargs: dict[str, Any]) -> None:
 def create(name: str, **kwargs: Any) -> nn.Module:
     """Build the model registered as ``name``; ``kwargs`` go to its factory.
 
+    A prefixed spec builds a model of an optional ecosystem (:mod:`distill.integrations`):
+    ``"timm:NAME"``, ``"torchvision:NAME"``, ``"hf:PATH"``; ``num_classes``, ``in_channels`` and
+    ``pretrained`` (a local weights file, never a download) mean the same there.
+
     Raises:
         UnknownModelError (a KeyError): unknown ``name``; lists the registered names and close matches.
         TypeError: an argument the factory does not take.
+        ValueError: a prefixed spec with an unknown prefix or model.
+        distill.integrations.MissingExtraError (an ImportError): the ecosystem's package is absent.
     """
+    if name not in _MODELS and isinstance(name, str) and ":" in name:
+        from distill.integrations import create_model as create_external
+
+        return create_external(name, **kwargs)
     if name not in _MODELS:
         close = difflib.get_close_matches(str(name), _MODELS, n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""

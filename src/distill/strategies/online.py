@@ -14,8 +14,11 @@ library's pieces: :func:`~distill.train.schedules.make_optimizer`, :class:`~dist
 :func:`~distill.train.evaluate.evaluate`, :func:`~distill.train.checkpoint.save_checkpoint`, the
 seeding and the progress bar of :func:`distill.fit`. It takes ``fit``'s optimisation keywords
 (optimizer, lr, momentum, weight_decay, nesterov, schedule, milestones, gamma, grad_clip, device,
-deterministic, checkpoint_every, on_epoch_end, resume), trains in float32, and resumes from its
-``last.pt`` (every module, optimizer, schedule, the random state and each member's best epoch).
+deterministic, checkpoint_every, on_epoch_end, resume, overwrite, fingerprint), trains in float32, and
+resumes from its ``last.pt`` (every module, optimizer, schedule, the random state and each member's best
+epoch). Its run folder is guarded as ``fit``'s (:mod:`distill.train.rundir`): locked for the run, never
+silently replaced, resumed only under the fingerprint its checkpoint records (by default the
+optimisation keywords, the members and every model's parameter shapes).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from torch import Tensor, nn
 from distill import functional as DF
 from distill.batch import Batch, as_batch
 from distill.distiller import Distiller
+from distill.files import atomic_write_text
 from distill.functional.online import AGGREGATIONS, DENSE_KD_LOSSES
 from distill.methods.base import Paper
 from distill.methods.online import RocketBoosterCE, RocketHint
@@ -55,6 +59,13 @@ from distill.train.loop import (
     _Progress,
     fit,
     seed_everything,
+)
+from distill.train.rundir import (
+    check_epochs,
+    check_fingerprint,
+    elapsed_so_far,
+    normalize_fingerprint,
+    open_run_dir,
 )
 from distill.train.schedules import Schedule, make_optimizer
 
@@ -76,7 +87,10 @@ DML_UPDATES = ("sequential", "simultaneous")
 
 # fit's optimisation keywords the cohort loop honours (their defaults are read from fit's signature)
 _LOOP_KEYS = ("resume", "optimizer", "lr", "momentum", "weight_decay", "nesterov", "schedule", "milestones", "gamma",
-              "grad_clip", "device", "deterministic", "on_epoch_end", "checkpoint_every")
+              "grad_clip", "device", "deterministic", "on_epoch_end", "checkpoint_every", "overwrite", "fingerprint")
+# what the cohort's default fingerprint holds besides the models' shapes (as fit's: what determines the result)
+_FINGERPRINT_KEYS = ("optimizer", "lr", "momentum", "weight_decay", "nesterov", "schedule", "milestones", "gamma",
+                     "grad_clip")
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,14 +175,16 @@ def _unique_params(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
 @contextlib.contextmanager
 def _seeded(seed: int, deterministic: bool) -> Iterator[None]:
     """Seed as ``fit`` does (before any model is built, so a factory's initialisation is
-    reproducible); a deterministic mode switched on here is switched off again on exit."""
-    before = torch.are_deterministic_algorithms_enabled()
+    reproducible); the deterministic-algorithms mode (with its ``warn_only``) and cuDNN's flags that
+    ``deterministic`` changes are given back as they were on exit."""
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
     seed_everything(seed, deterministic)
     try:
         yield
     finally:
-        if deterministic and not before:
-            torch.use_deterministic_algorithms(False)
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[2], before[3]
 
 
 def _train_modes(modules: Iterable[nn.Module]) -> dict[nn.Module, bool]:
@@ -307,7 +323,10 @@ def _run_cohort(
     for module in modules.values():
         module.to(device)
     D.broadcast_state(modules.values())
-    with D.shard_loader(train_loader, info):
+    with contextlib.ExitStack() as lock, D.shard_loader(train_loader, info):
+        # as fit: the folder locked for the run, cleared (overwrite), results never silently replaced
+        open_run_dir(Path(run_dir) if run_dir is not None else None, resume=cfg["resume"],
+                     overwrite=cfg["overwrite"], info=info, stack=lock, what="cohort fit")
         return _cohort_epochs(modules, groups, train_loader, epochs=epochs, step=step, evaluate_fn=evaluate_fn,
                               delivered=delivered, maximize=maximize, cfg=cfg, run_dir=run_dir, progress=progress,
                               members=members, best_module=best_module, device=device, info=info)
@@ -330,16 +349,24 @@ def _cohort_epochs(
     ckpt_dir = run_path / "checkpoints" if run_path is not None else None
     tracked = {name: _Member() for name in members}
     result = CohortFitResult(run_dir=run_path, delivered=delivered, models=dict(modules))
-    start_epoch = 0
+    spec = normalize_fingerprint(cfg["fingerprint"]) if cfg["fingerprint"] is not None else normalize_fingerprint({
+        "fit": {k: cfg[k] for k in _FINGERPRINT_KEYS}, "delivered": delivered, "members": list(members),
+        "models": {n: {k: list(v.shape) for k, v in m.state_dict().items()} for n, m in modules.items()}})
+    start_epoch, elapsed_before = 0, 0.0
     if cfg["resume"]:
         state = _load_resume(cfg["resume"], ckpt_dir, device, info)
         if state is not None:
+            where = cfg["resume"] if not isinstance(cfg["resume"], bool) else ckpt_dir / "last.pt"  # type: ignore[operator]
+            check_fingerprint(state, spec, where)
+            check_epochs(state, epochs, cfg["schedule"], cfg["milestones"], where)
+            elapsed_before = elapsed_so_far(state)
             start_epoch = _restore_cohort(state, modules, optimizers, schedules, tracked, result)
     if write:
         run_path.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
         # afresh from the history so far: a resumed run never keeps lines of the epochs it redoes
-        (run_path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in result.history))  # type: ignore[operator]
+        atomic_write_text(run_path / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in result.history))  # type: ignore[operator]
     bar = _Progress(progress and info.is_main, epochs, steps_per_epoch)
+    session_t0 = time.perf_counter()
     try:
         for epoch in range(start_epoch, epochs):
             t0 = time.perf_counter()
@@ -379,7 +406,7 @@ def _cohort_epochs(
                         member.best, member.result.best_epoch = score, epoch
                         if name == delivered and write:
                             save_checkpoint(ckpt_dir / "best.pt", {"student": best_module.state_dict(),  # type: ignore[operator]
-                                                                  "epoch": epoch, "score": score})
+                                                                  "epoch": epoch, "score": score, "fingerprint": spec})
                     member.result.history.append({"epoch": epoch, "val_score": score})
                 if maximize:
                     row["val_student_acc"] = scores[delivered]
@@ -399,11 +426,14 @@ def _cohort_epochs(
                         "members": {n: {"best": m.best, "last": m.last, "best_epoch": m.result.best_epoch,
                                         "history": m.result.history} for n, m in tracked.items()},
                         "rng": rng_state(),
+                        "fingerprint": spec, "epochs": epochs,  # what resume checks
+                        "elapsed_s": elapsed_before + time.perf_counter() - session_t0,
                     })
             if cfg["on_epoch_end"] is not None:
                 cfg["on_epoch_end"](row)
     finally:
         bar.close()
+    result.time_s = elapsed_before + time.perf_counter() - session_t0
     if info.enabled:
         D.barrier()  # every rank leaves once rank 0 has written its files
     for name, member in tracked.items():

@@ -36,6 +36,7 @@ from distill.batch import Batch, View
 from distill.data.augment import mix_seed
 from distill.data.loader import GlobalBatchShards, InMemoryLoader, in_memory_tensors
 from distill.distiller import Distiller
+from distill.files import atomic_write_text
 from distill.methods.base import Method, Paper, create_method
 from distill.strategies.chain import check_stage_resume
 from distill.strategies.registry import as_model, register_strategy
@@ -51,6 +52,7 @@ from distill.train.checkpoint import save_checkpoint
 from distill.train.distributed import is_main_process
 from distill.train.evaluate import evaluate
 from distill.train.loop import FitResult, fit
+from distill.train.rundir import RunFolderError, clear_run_dir, has_results
 
 __all__ = [
     "GENERATORS",
@@ -560,6 +562,12 @@ def fit_co_training(
     if fit_kwargs.get("resume"):
         raise ValueError("fit_co_training cannot resume: its rounds' classifiers and labelled pool are not "
                          "checkpointed (each round retrains from the initial weights)")
+    if run_dir is not None and is_main_process():  # as fit's run_dir: never silently replaced
+        if fit_kwargs.get("overwrite"):
+            clear_run_dir(run_dir)
+        elif has_results(run_dir):
+            raise RunFolderError(f"{run_dir} already holds a run's results; pass overwrite=True to replace them, "
+                                 "or write to another folder")
     x_l, y_l, settings = _labelled(train_loader, "fit_co_training")
     x_u = _unlabeled(unlabeled, x_l, "fit_co_training")
     if isinstance(student, (list, tuple)):
@@ -640,9 +648,7 @@ def fit_co_training(
     result.added_by = torch.tensor([a[2] for a in added], dtype=torch.long)
     if result.run_dir is not None and is_main_process():  # under torchrun: rank 0 writes
         result.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(result.run_dir / "metrics.jsonl", "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+        atomic_write_text(result.run_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
         save_checkpoint(result.run_dir / "checkpoints" / "last.pt", {"student": combined.state_dict(), "round": rounds})
     return result
 

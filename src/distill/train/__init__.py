@@ -2,7 +2,7 @@
 training (:mod:`distill.train.distributed`)."""
 
 from distill.train import distributed
-from distill.train.checkpoint import load_checkpoint, save_checkpoint
+from distill.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from distill.train.evaluate import evaluate
 from distill.train.loop import (
     EpochLog,
@@ -16,6 +16,7 @@ from distill.train.loop import (
 from distill.train.stages import fit_hint_stage
 
 __all__ = [
+    "CheckpointError",
     "EpochLog",
     "EpochLosses",
     "FitProgress",

@@ -63,6 +63,8 @@ class Schedule:
             bad = [m for m in ms if not 0 < m <= epochs]
             if bad:
                 raise ValueError(f"milestones {bad} lie outside 1..{epochs} (epochs)")
+            if any(b <= a for a, b in zip(ms, ms[1:])):  # MultiStepLR applies a repeated milestone twice
+                raise ValueError(f"milestones must be strictly increasing epochs, got {ms}")
             self.per_step = False
             self.scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, ms, gamma=gamma)
         elif name == "cosine":
