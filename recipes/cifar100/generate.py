@@ -101,7 +101,9 @@ def losses_for(method: str, teacher: torch.nn.Module, student: torch.nn.Module,
             "the FSP paper's two stages: FSP alone first (lambda_i = 1/(C1*C2) of the teacher's pair: " \
             "RepDistiller's element mean), then the task loss with FSP off (weight 0)"
     if method == "ickd":
-        return {"ce": 1.0, "ickd": {"student_tap": "stage3", "teacher_tap": "stage3"}}, None, "ICKD on the last stage"
+        c = _shapes(teacher, ["stage3"], x)["stage3"][0]
+        return {"ce": 1.0, "ickd": {"student_tap": "stage3", "teacher_tap": "stage3", "weight": 2.5 * c}}, None, \
+            f"the ICKD authors' -b 2.5 on a loss c = {c} times ours (their sum / (c*B), ours / (c^2*B)): 2.5*c"
     if method == "crd":
         return {"ce": 1.0, "crd": {"weight": 0.8}}, None, \
             "RepDistiller: -b 0.8; the data-set size and labels come from the training loader"
