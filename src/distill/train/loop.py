@@ -436,11 +436,7 @@ def _fit(distiller: Any, train_loader: Iterable[Any], val_loader: Iterable[Any] 
                                                                     ("methods", distiller.methods))
                         for n, p in module.named_parameters() if p.requires_grad]
 
-        def rollback() -> Path | None:  # bad updates were applied: back to the last good checkpoint
-            last = log.checkpoint_dir / "last.pt" if log.checkpoint_dir is not None else None
-            if last is None or not last.is_file():
-                return None
-            state = load_checkpoint(last, map_location=device)
+        def restore_training_state(state: dict[str, Any]) -> None:  # a resume, or a rollback after a NaN
             distiller.load_trainable_state_dict(state["distiller"])
             if changing_teacher and state.get("teacher") is not None:
                 teacher.load_state_dict(state["teacher"])
@@ -448,6 +444,12 @@ def _fit(distiller: Any, train_loader: Iterable[Any], val_loader: Iterable[Any] 
             sched.load_state_dict(state["schedule"])
             if scaler is not None and state.get("scaler"):
                 scaler.load_state_dict(state["scaler"])
+
+        def rollback() -> Path | None:  # bad updates were applied: back to the last good checkpoint
+            last = log.checkpoint_dir / "last.pt" if log.checkpoint_dir is not None else None
+            if last is None or not last.is_file():
+                return None
+            restore_training_state(load_checkpoint(last, map_location=device))
             return last
 
         watch = _NonFiniteWatch(device, every, named_params, rollback)
@@ -466,13 +468,7 @@ def _fit(distiller: Any, train_loader: Iterable[Any], val_loader: Iterable[Any] 
                 check_fingerprint(state, spec, where)
                 check_epochs(state, epochs, schedule, milestones, where)
                 elapsed_before = elapsed_so_far(state)
-                distiller.load_trainable_state_dict(state["distiller"])
-                if changing_teacher and state.get("teacher") is not None:
-                    teacher.load_state_dict(state["teacher"])
-                opt.load_state_dict(state["optimizer"])
-                sched.load_state_dict(state["schedule"])
-                if scaler is not None and state.get("scaler"):
-                    scaler.load_state_dict(state["scaler"])
+                restore_training_state(state)
                 set_rng_state(state["rng"])
                 start_epoch = int(state["epoch"]) + 1
                 result.history = list(state["history"])
