@@ -245,14 +245,14 @@ def test_cwd_method_matches_functional_identity_for_equal_channels_and_sums_pair
 
 def test_mgd_method_matches_functional_with_a_fixed_mask_and_draws_fresh_masks_only_in_training():
     student, teacher, batch = make_views(2)
-    m = MGD(seed=5, mask_ratio=0.5, alpha=1.0)
+    m = MGD(seed=5, mask_ratio=0.5, alpha=3e-3)  # a non-default scale: a dropped alpha would show
     m.prepare(student, teacher, batch)
     assert isinstance(m.align, torch.nn.Conv2d)
     convs = [x for x in m.generation if isinstance(x, torch.nn.Conv2d)]
     assert [c.kernel_size for c in convs] == [(3, 3), (3, 3)] and isinstance(m.generation[1], torch.nn.ReLU)
     s, t = student["stage3"], teacher["stage3"]
     mask = DF.mgd_mask(B, 2, 2, 0.5, torch.Generator().manual_seed(5))
-    want = DF.mgd_loss(m.generation(m.align(s) * mask), t)
+    want = 3e-3 * DF.mgd_loss(m.generation(m.align(s) * mask), t)
     assert torch.allclose(m(student, teacher, batch), want)  # the first training draw of seed 5
     assert not torch.equal(m.draw_mask(t), mask)  # the generator advanced
     m.eval()
@@ -275,11 +275,11 @@ def test_mgd_method_matches_functional_with_a_fixed_mask_and_draws_fresh_masks_o
 
 def test_mgd_channel_mask_option_matches_functional():
     student, teacher, batch = make_views(2)
-    m = MGD(seed=7, mask_ratio=0.15, mask="channel", alpha=1.0)
+    m = MGD(seed=7, mask_ratio=0.15, mask="channel", alpha=0.02)
     m.prepare(student, teacher, batch)
     s, t = student["stage3"], teacher["stage3"]
     mask = DF.mgd_channel_mask(B, t.shape[1], 0.15, torch.Generator().manual_seed(7))
-    want = DF.mgd_loss(m.generation(m.align(s) * mask), t)
+    want = 0.02 * DF.mgd_loss(m.generation(m.align(s) * mask), t)
     assert torch.allclose(m(student, teacher, batch), want)
     assert "mask=channel" in repr(m)
     with pytest.raises(ValueError, match="mask"):
@@ -329,7 +329,7 @@ def test_simkd_predictor_uses_projector_and_frozen_teacher_classifier():
 
 def test_semckd_method_matches_functional_pads_small_batches_and_pooled_embedding():
     student, teacher, batch = make_views(4)
-    m = SemCKD(beta=1.0)
+    m = SemCKD(beta=7.0)  # a non-default scale: a dropped beta would show
     m.prepare(student, teacher, batch)
     assert sorted(m.proj) == [f"{i}_{j}" for i in range(3) for j in range(3)]
     assert m.query[0].linear1.in_features == B and m.query[0].linear2.out_features == max(1, B // 4)
@@ -350,7 +350,7 @@ def test_semckd_method_matches_functional_pads_small_batches_and_pooled_embeddin
         targets.append(row_t)
     att = m.attention(fs, ft)
     assert att.shape == (B, 3, 3)
-    assert torch.allclose(m(student, teacher, batch), DF.semckd_loss(projected, targets, att), rtol=1e-5)
+    assert torch.allclose(m(student, teacher, batch), 7.0 * DF.semckd_loss(projected, targets, att), rtol=1e-5)
     # a smaller last batch: similarity rows zero-padded to the prepared width; a larger one is refused
     small_s = {k: v[:4] for k, v in student.items()}
     small_t = {k: v[:4] for k, v in teacher.items()}
