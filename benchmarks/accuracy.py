@@ -89,14 +89,19 @@ STAGES: dict[str, tuple[str, int, float | None]] = {"fitnet": ("fitnet", 1, None
 SKIP = {"ce", "ft_paraphraser"}
 
 
-def _losses(name: str, num_samples: int) -> dict[str, Any]:
+def _build_losses(spec: dict[str, Any], num_samples: int) -> dict[str, Any]:
+    """The methods of a losses spec (name -> weight or keyword arguments); CRD learns the data-set size."""
     losses = {}
-    for loss_name, kw in METHOD_LOSSES.get(name, {"ce": 1.0, name: {}}).items():
+    for loss_name, kw in spec.items():
         kw = {"weight": kw} if isinstance(kw, float) else dict(kw)
         if loss_name == "crd":
             kw.setdefault("num_samples", num_samples)
         losses[loss_name] = create_method(loss_name, **kw)
     return losses
+
+
+def _losses(name: str, num_samples: int) -> dict[str, Any]:
+    return _build_losses(METHOD_LOSSES.get(name, {"ce": 1.0, name: {}}), num_samples)
 
 
 def _job(job: dict[str, Any]) -> dict[str, Any]:
@@ -189,14 +194,7 @@ def _full_student() -> torch.nn.Module:
 
 
 def _full_losses(name: str, num_samples: int) -> dict[str, Any]:
-    spec = FULL_LOSSES.get(name, METHOD_LOSSES.get(name, {"ce": 1.0, name: {}}))
-    losses = {}
-    for loss_name, kw in spec.items():
-        kw = {"weight": kw} if isinstance(kw, float) else dict(kw)
-        if loss_name == "crd":
-            kw.setdefault("num_samples", num_samples)
-        losses[loss_name] = create_method(loss_name, **kw)
-    return losses
+    return _build_losses(FULL_LOSSES.get(name, METHOD_LOSSES.get(name, {"ce": 1.0, name: {}})), num_samples)
 
 
 def _full_job(job: dict[str, Any]) -> dict[str, Any]:

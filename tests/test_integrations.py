@@ -33,23 +33,16 @@ from distill.recipes import RecipeError, parse_recipe
 from distill.taps import logits_of
 from distill.teachers import FrozenTeacher
 
-
-def _importable(package: str) -> str | None:
-    """``None`` when ``package`` imports, else why not (the skip reason)."""
-    try:
-        importlib.import_module(package)
-        return None
-    except ImportError as e:
-        return f"{package} cannot be imported here ({e})"
+from _optional import missing
 
 
-NO_TIMM = _importable("timm")
+NO_TIMM = missing("timm")
 if NO_TIMM and "torchvision" in NO_TIMM:
     NO_TIMM += ": timm 1.0 imports torchvision at import time and PyPI's torchvision (a CUDA build) does not load " \
                "with the CPU torch"
-NO_TORCHVISION = _importable("torchvision")
-NO_TRANSFORMERS = _importable("transformers")
-NO_SAFETENSORS = _importable("safetensors")
+NO_TORCHVISION = missing("torchvision")
+NO_TRANSFORMERS = missing("transformers")
+NO_SAFETENSORS = missing("safetensors")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ the epoch as the step; names, options and packages are checked before any work (
 
 from __future__ import annotations
 
-import importlib
 import json
 import sys
 from pathlib import Path
@@ -19,17 +18,11 @@ from distill.recipes import RecipeError, parse_recipe
 from distill.train import EpochLog, FitResult
 from distill.train.loggers import check_loggers, make_loggers
 
-
-def _importable(package: str) -> str | None:
-    try:
-        importlib.import_module(package)
-        return None
-    except ImportError as e:
-        return f"{package} cannot be imported here ({e}); it is in the 'log' extra"
+from _optional import missing
 
 
-NO_TENSORBOARD = _importable("tensorboard")
-NO_MLFLOW = _importable("mlflow")
+NO_TENSORBOARD = missing("tensorboard", "; it is in the 'log' extra")
+NO_MLFLOW = missing("mlflow", "; it is in the 'log' extra")
 
 
 @pytest.fixture(scope="module")
