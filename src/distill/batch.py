@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -61,17 +61,88 @@ class Batch:
         return replace(self, **changes)
 
 
+@dataclass
+class TokenBatch(Batch):
+    """A batch of token sequences, as Hugging Face models and collators speak them.
+
+    Attributes:
+        inputs: ``input_ids`` ``(B, L)`` long.
+        targets: ``labels`` ``(B, L)`` long, ``-100`` where a position carries no loss (padding,
+            the prompt). For causal LMs the labels are *not* shifted (the Hugging Face
+            convention): the logits at position ``t`` predict the label at ``t + 1``.
+        index: position of each sequence in its data set ``(B,)`` (the teacher cache reads it).
+        model_kwargs: the model's other inputs by name, each ``(B, ...)``: ``attention_mask``
+            ``(B, L)``, ``decoder_input_ids``, ``token_type_ids``...
+    """
+
+    model_kwargs: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def attention_mask(self) -> Tensor | None:
+        return self.model_kwargs.get("attention_mask")
+
+    def model_inputs(self) -> dict[str, Tensor]:
+        """The keyword arguments of the model's forward: ``input_ids`` and :attr:`model_kwargs`."""
+        return {"input_ids": self.inputs, **self.model_kwargs}
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> TokenBatch:
+        moved = super().to(device, non_blocking)
+        return replace(moved, model_kwargs={k: v.to(device, non_blocking=non_blocking)
+                                            for k, v in self.model_kwargs.items()})
+
+    def part(self, rank: int, world_size: int) -> TokenBatch:
+        n = len(self)
+        whole = super().part(rank, world_size)
+        return replace(whole, model_kwargs={k: torch.tensor_split(v, world_size)[rank]
+                                            if v.dim() >= 1 and v.shape[0] == n else v
+                                            for k, v in self.model_kwargs.items()})
+
+
+# keys of a Hugging Face batch that are not model inputs
+_TOKEN_BATCH_META = ("input_ids", "labels", "index", "idx", "indices")
+
+
+def _token_batch(obj: Mapping[str, Any]) -> TokenBatch:
+    input_ids = obj["input_ids"]
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32):
+        raise ValueError("a token batch's input_ids must be an integer tensor (B, L), got "
+                         + (f"{input_ids.dtype} of shape {tuple(input_ids.shape)}" if isinstance(input_ids, Tensor)
+                            else type(input_ids).__name__))
+    labels = obj.get("labels")
+    if labels is not None and (not isinstance(labels, Tensor) or labels.shape[0] != input_ids.shape[0]):
+        raise ValueError(f"a token batch's labels must be a tensor with one row per sequence ({input_ids.shape[0]}), "
+                         f"got {tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__}")
+    index = next((obj[k] for k in ("index", "idx", "indices") if k in obj), None)
+    kwargs = {k: v for k, v in obj.items() if k not in _TOKEN_BATCH_META and isinstance(v, Tensor)}
+    mask = kwargs.get("attention_mask")
+    if mask is not None and tuple(mask.shape) != tuple(input_ids.shape):
+        raise ValueError(f"attention_mask has shape {tuple(mask.shape)} but input_ids {tuple(input_ids.shape)}")
+    return TokenBatch(input_ids.long(), None if labels is None else labels.long(), index, model_kwargs=kwargs)
+
+
+def run_model(model: Any, batch: Batch, **extra: Any) -> Any:
+    """Call ``model`` on ``batch``: ``model(batch.inputs)``, or for a :class:`TokenBatch` the
+    Hugging Face way, ``model(input_ids=..., attention_mask=..., **extra)``."""
+    if isinstance(batch, TokenBatch):
+        return model(**batch.model_inputs(), **extra)
+    return model(batch.inputs, **extra)
+
+
 def as_batch(obj: Any) -> Batch:
     """Turn what a loader yields into a :class:`Batch`.
 
     Accepts a ``Batch``; a tuple/list ``(inputs,)``, ``(inputs, targets)`` or
     ``(inputs, targets, index)``; a mapping with keys ``inputs``/``input``/``x``,
-    ``targets``/``target``/``labels``/``y`` and optionally ``index``; or a bare tensor.
+    ``targets``/``target``/``labels``/``y`` and optionally ``index``; a Hugging Face batch
+    (a mapping with ``input_ids``, optionally ``attention_mask``, ``labels``, ``index`` and other
+    model inputs): a :class:`TokenBatch`; or a bare tensor.
     """
     if isinstance(obj, Batch):
         return obj
     if isinstance(obj, Tensor):
         return Batch(obj)
+    if isinstance(obj, Mapping) and "input_ids" in obj:
+        return _token_batch(obj)
     if isinstance(obj, Mapping):
         def pick(*names: str) -> Any:
             for n in names:

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from distill.batch import Batch, View, as_batch
 from distill.methods.base import Method, check_weight, create_method
-from distill.taps import Taps, logits_of
+from distill.taps import Taps, last_hidden_state, lm_body_and_head, logits_of, run_tapped
 from distill.teachers import TeacherSource, as_teacher_source
 
 
@@ -92,6 +92,19 @@ class Distiller(nn.Module):
         if not losses:
             raise ValueError("losses is empty: give at least one loss, e.g. {'ce': 1.0, 'kd': 1.0}")
         self.methods = nn.ModuleDict(_build_methods(losses))
+        # fused token losses apply the student's lm_head themselves, chunk by chunk: the student's
+        # body runs alone and its view holds the last hidden states instead of the logits
+        fused = [n for n, m in self.methods.items() if getattr(m, "student_output", "logits") == "hidden"]
+        self._lm_parts: tuple[nn.Module, nn.Linear] | None = None  # a tuple: not registered twice as submodules
+        if fused:
+            others = [n for n in self.methods if n not in fused]
+            if others:
+                raise ValueError(
+                    f"losses {fused} are fused with the student's lm_head (chunk_size is set), so the student runs "
+                    f"without its head and no logits exist for the losses {others}: drop them, fold cross-entropy "
+                    f"into the fused loss (ce=<weight>), or leave chunk_size unset"
+                )
+            self._lm_parts = lm_body_and_head(student)
         needing = [n for n, m in self.methods.items() if m.needs_teacher]
         if needing and self.teacher is None:
             raise ValueError(f"losses {needing} need a teacher, but teacher is None")
@@ -126,7 +139,7 @@ class Distiller(nn.Module):
         try:
             with torch.no_grad():
                 student_view = self._student_view(batch)
-                self.num_classes = int(student_view["logits"].shape[-1])
+                self.num_classes = self._student_width(student_view)
                 if not self.prepared:
                     teacher_module = self.teacher_module()
                     for m in self.methods.values():
@@ -147,15 +160,22 @@ class Distiller(nn.Module):
         when a loss compares them class by class (raised here, before any training)."""
         readers = [n for n, m in self.methods.items() if reads_teacher_logits(m)]
         t = teacher_view.get("logits")
-        s = student_view.get("logits")
-        if not readers or not isinstance(t, Tensor) or not isinstance(s, Tensor) or t.dim() < 1 or s.dim() < 1:
+        if not readers or not isinstance(t, Tensor) or t.dim() < 1 or self.num_classes is None:
             return
-        if t.shape[-1] != s.shape[-1]:
+        if t.shape[-1] != self.num_classes:
+            what = "vocabulary entries" if t.dim() == 3 else "classes"
             raise ValueError(
-                f"the student's logits have {s.shape[-1]} classes but the teacher's have {t.shape[-1]}, and the losses "
-                f"{readers} compare them class by class: build both for the same classes (num_classes="
-                f"{t.shape[-1]} for the student, or a teacher for {s.shape[-1]} classes)"
+                f"the student's logits have {self.num_classes} {what} but the teacher's have {t.shape[-1]}, and the "
+                f"losses {readers} compare them entry by entry: build both for the same "
+                + ("vocabulary (one tokenizer: distill.integrations.hf.check_same_vocabulary names the first "
+                   "difference)" if t.dim() == 3 else
+                   f"classes (num_classes={t.shape[-1]} for the student, or a teacher for {self.num_classes} classes)")
             )
+
+    def _student_width(self, student_view: View) -> int:
+        if self._lm_parts is not None:
+            return int(self._lm_parts[1].out_features)
+        return int(student_view["logits"].shape[-1])
 
     def teacher_module(self) -> nn.Module | None:
         """The teacher's ``nn.Module`` when the teacher source wraps exactly one, else ``None``."""
@@ -223,11 +243,11 @@ class Distiller(nn.Module):
 
     # ----------------------------------------------------------------- step
     def _student_view(self, batch: Batch) -> View:
-        if self._student_taps is None:
-            return {"logits": logits_of(self.student(batch.inputs))}
-        with self._student_taps.recording() as store:
-            logits = logits_of(self.student(batch.inputs))
-        return {"logits": logits, **store}
+        if self._lm_parts is not None:
+            output, store = run_tapped(self._lm_parts[0], batch, self._student_taps)
+            return {"hidden": last_hidden_state(output), **store}
+        output, store = run_tapped(self.student, batch, self._student_taps)
+        return {"logits": logits_of(output), **store}
 
     def forward(self, batch: Any) -> DistillOutput:
         """One step's losses: the student's forward, the teacher's view, every weighted method."""
@@ -239,6 +259,10 @@ class Distiller(nn.Module):
                     f"{[n for n, m in self.methods.items() if _has_lazy_parts(m)]} build adapters from the shapes "
                     "of one batch, and the optimizer must see their parameters"
                 )
+            with torch.no_grad():  # methods still see the models once (the LM losses find the student's head)
+                teacher_module = self.teacher_module()
+                for m in self.methods.values():
+                    m.bind_models(self.student, teacher_module, batch)
             self.prepared = True
         # the teacher first: its activations are freed before the student's forward starts keeping
         # its own for backward, so the two never share the cache (measured: ~3-5% per step on CPU)

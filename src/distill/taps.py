@@ -2,6 +2,13 @@
 
 No model is rewritten, so any ``nn.Module`` works: ``"layer3"``, ``"blocks.11.mlp"``,
 ``"fc:input"`` (the input of ``fc``, e.g. a pooled feature).
+
+Hugging Face models are tapped the same way by module path (``"model.layers.3"``,
+``"model.layers.3.self_attn"``: a module returning a tuple is tapped at its first tensor), and
+also by the fields of their output: ``"hidden_states.3"`` (the fourth entry of
+``output.hidden_states``, i.e. after three layers; ``-1`` the last), ``"attentions.2"``,
+``"encoder_hidden_states.1"``..., which ask the model for ``output_hidden_states`` /
+``output_attentions`` only when tapped.
 """
 
 from __future__ import annotations
@@ -11,6 +18,28 @@ from collections.abc import Iterable
 from typing import Any
 
 from torch import Tensor, nn
+
+from distill.batch import Batch, run_model
+
+# fields of a Hugging Face ModelOutput that a tap can name as "<field>.<layer>"
+OUTPUT_FIELDS = {
+    "hidden_states": "output_hidden_states", "encoder_hidden_states": "output_hidden_states",
+    "decoder_hidden_states": "output_hidden_states", "attentions": "output_attentions",
+    "encoder_attentions": "output_attentions", "decoder_attentions": "output_attentions",
+    "cross_attentions": "output_attentions",
+}
+
+
+def output_tap(path: str) -> tuple[str, int] | None:
+    """``"hidden_states.3"`` -> ``("hidden_states", 3)``; ``None`` for a module path."""
+    head, _, rest = path.partition(".")
+    if head not in OUTPUT_FIELDS:
+        return None
+    try:
+        return head, int(rest)
+    except ValueError:
+        raise TapError(f"tap {path!r}: an output tap is '{head}.<layer index>' (e.g. '{head}.2' or '{head}.-1'), "
+                       f"got {rest!r} after the field") from None
 
 
 class TapError(KeyError):
@@ -70,10 +99,13 @@ class Taps:
 
     def __init__(self, model: nn.Module, paths: Iterable[str], *, model_name: str = "model") -> None:
         self.model = model
+        self.model_name = model_name
         self.paths = list(dict.fromkeys(paths))
+        self.output_paths = [p for p in self.paths if output_tap(p) is not None]
+        self.module_paths = [p for p in self.paths if p not in self.output_paths]
         self._store: dict[str, Tensor] | None = None
         self._handles: list[Any] = []
-        for path in self.paths:
+        for path in self.module_paths:
             module = resolve(model, path, model_name=model_name)
             _, where = _split(path)
             if where == "input":
@@ -98,6 +130,29 @@ class Taps:
     def recording(self) -> _Recording:
         return _Recording(self)
 
+    def output_flags(self) -> dict[str, bool]:
+        """The keyword arguments that make a Hugging Face model return the tapped output fields."""
+        return {OUTPUT_FIELDS[output_tap(p)[0]]: True for p in self.output_paths}  # type: ignore[index]
+
+    def read_outputs(self, output: Any) -> dict[str, Tensor]:
+        """The tensors of the output taps (``"hidden_states.3"``) in a model's ``output``."""
+        found: dict[str, Tensor] = {}
+        for path in self.output_paths:
+            name, layer = output_tap(path)  # type: ignore[misc]
+            values = getattr(output, name, None)
+            if values is None and isinstance(output, dict):
+                values = output.get(name)
+            if values is None or len(values) == 0:  # transformers 5 returns () where older ones returned None
+                hint = (" (attention weights need attn_implementation='eager' when the model is loaded: sdpa and "
+                        "flash attention never return them)" if "attentions" in name else "")
+                raise TapError(f"tap {path!r}: the {self.model_name}'s output ({type(output).__name__}) holds no "
+                               f"{name!r}{hint}")
+            if not -len(values) <= layer < len(values):
+                raise TapError(f"tap {path!r}: the {self.model_name} returns {len(values)} {name}, so the index "
+                               f"must be in [{-len(values)}, {len(values) - 1}], got {layer}")
+            found[path] = values[layer]
+        return found
+
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
@@ -116,7 +171,7 @@ class _Recording:
         store = self.taps._store
         self.taps._store = None
         if exc[0] is None and store is not None:
-            missing = [p for p in self.taps.paths if p not in store]
+            missing = [p for p in self.taps.module_paths if p not in store]
             if missing:
                 raise TapError(f"taps {missing} were not reached by the forward pass (module never called)")
 
@@ -132,3 +187,59 @@ def logits_of(output: Any) -> Tensor:
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
         return output[0]
     raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
+
+
+def run_tapped(model: nn.Module, batch: Batch, taps: Taps | None, **extra: Any) -> tuple[Any, dict[str, Tensor]]:
+    """``model``'s output on ``batch`` (:func:`~distill.batch.run_model`) and its taps' tensors
+    (module hooks and output fields); ``taps=None`` runs the model alone."""
+    if taps is None:
+        return run_model(model, batch, **extra), {}
+    with taps.recording() as store:
+        output = run_model(model, batch, **taps.output_flags(), **extra)
+    if taps.output_paths:
+        store.update(taps.read_outputs(output))
+    return output, store
+
+
+def lm_body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
+    """A causal language model split into its body (input ids -> the last hidden states, which
+    enter the head) and its head (hidden -> vocabulary logits), for losses that apply the head
+    chunk by chunk (:func:`distill.functional.tokens.fused_linear_token_loss`).
+
+    Works for Hugging Face ``*ForCausalLM`` models (``get_output_embeddings()`` is the head,
+    ``get_decoder()`` or the ``base_model_prefix`` attribute the body, whose output's
+    ``last_hidden_state`` is already final-normalised). Models whose logits are more than
+    ``head(hidden)`` (a final logit soft-cap, a scaled tied head) are refused rather than
+    distilled against the wrong logits.
+    """
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if not isinstance(head, nn.Linear):
+        raise TypeError(f"{type(model).__name__} has no linear output head (get_output_embeddings() returned "
+                        f"{type(head).__name__}): fused token losses (chunk_size) need a Hugging Face causal LM; "
+                        "leave chunk_size unset to use the model's logits")
+    config = getattr(model, "config", None)
+    for attribute in ("final_logit_softcapping", "logit_scale", "output_mult"):
+        if getattr(config, attribute, None) not in (None, 1, 1.0):
+            raise ValueError(f"{type(model).__name__}'s config sets {attribute}={getattr(config, attribute)!r}: its "
+                             "logits are not head(hidden), so the fused token losses cannot rebuild them; leave "
+                             "chunk_size unset")
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"{type(model).__name__} is an encoder-decoder model: fused token losses support causal "
+                         "LMs; leave chunk_size unset to use the model's logits")
+    get_decoder = getattr(model, "get_decoder", None)
+    body = get_decoder() if callable(get_decoder) else None
+    if not isinstance(body, nn.Module) or body is model:
+        body = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if not isinstance(body, nn.Module) or body is model:
+        raise TypeError(f"cannot find the body of {type(model).__name__} (get_decoder() or its base_model_prefix "
+                        "attribute): fused token losses need a Hugging Face causal LM")
+    return body, head
+
+
+def last_hidden_state(output: Any) -> Tensor:
+    """The last hidden states ``(B, L, H)`` in a body's output (``.last_hidden_state`` or its first tensor)."""
+    hidden = getattr(output, "last_hidden_state", None)
+    if isinstance(hidden, Tensor):
+        return hidden
+    return _first_tensor(output)

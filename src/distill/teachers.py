@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill.batch import Batch, View
-from distill.taps import Taps, logits_of
+from distill.taps import Taps, logits_of, run_tapped
 
 
 class TeacherSource(nn.Module):
@@ -123,16 +124,13 @@ class FrozenTeacher(TeacherSource):
         x = batch.inputs
         out_device = x.device
         if self.device is not None:
-            x = x.to(self.device)
+            batch = batch.to(self.device)
+            x = batch.inputs
         if self.dtype is not None and x.is_floating_point():
-            x = x.to(self.dtype)
+            batch = replace(batch, inputs=x.to(self.dtype))
         with torch.no_grad(), outside_fp16_autocast(x.device.type):
-            if self._taps is None:
-                view: View = {"logits": logits_of(self.model(x))}
-            else:
-                with self._taps.recording() as store:
-                    logits = logits_of(self.model(x))
-                view = {"logits": logits, **store}
+            output, store = run_tapped(self.model, batch, self._taps)
+            view: View = {"logits": logits_of(output), **store}
         if self.dtype is not None or self.device is not None:
             view = {k: v.to(device=out_device, dtype=torch.float32) if v.is_floating_point() else v.to(out_device)
                     for k, v in view.items()}
@@ -194,8 +192,8 @@ class EnsembleTeacher(TeacherSource):
             raise ValueError("the ensemble's members disagree on the logits' shape: "
                              + ", ".join(f"member {i}: {tuple(v.shape)}" for i, v in enumerate(views))
                              + "; every member must predict the same classes")
-        logits = torch.stack(views)  # (M, B, K)
-        w = self.weights.to(device=logits.device, dtype=logits.dtype).view(-1, 1, 1)
+        logits = torch.stack(views)  # (M, B, K), or (M, B, L, V) for language models
+        w = self.weights.to(device=logits.device, dtype=logits.dtype).view(-1, *([1] * (logits.dim() - 1)))
         if self.combine == "logits":
             return {"logits": (w * logits).sum(0)}
         T = self.temperature

@@ -25,6 +25,7 @@ from distill.functional._precision import fp32
 
 __all__ = [
     "cross_entropy",
+    "token_cross_entropy",
     "smooth_targets",
     "label_smoothing_loss",
     "mixed_label_loss",
@@ -70,6 +71,31 @@ def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     Statistical Pattern Recognition", Neurocomputing (NATO ASI F68), 1990.
     """
     return F.cross_entropy(fp32(logits), targets)
+
+
+def token_cross_entropy(logits: Tensor, labels: Tensor, *, causal: bool = True, ignore_index: int = -100) -> Tensor:
+    r"""Cross-entropy of a language model on its labels, averaged over the tokens that carry a label.
+
+    .. math:: L = -\frac{1}{|\mathcal{T}|} \sum_{(b, t) \in \mathcal{T}} \log \operatorname{softmax}(z_{b,t})_{y_{b,t'}}
+
+    Shapes: ``logits`` (B, L, V), ``labels`` (B, L) long with ``ignore_index`` (−100) where a
+    position carries no loss → scalar. ``causal=True`` (decoder-only LMs, the Hugging Face
+    convention of unshifted labels): the logits at ``t`` predict the label at ``t' = t + 1``;
+    ``causal=False`` (seq2seq decoders, token classifiers): ``t' = t``. A batch without any
+    labelled token gives 0 (still attached to the graph), not NaN.
+    """
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(f"token cross-entropy needs logits (B, L, V) and labels (B, L), got {tuple(logits.shape)} "
+                         f"and {tuple(labels.shape)}")
+    if causal:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    flat = labels.reshape(-1)
+    bad = flat[(flat != ignore_index) & ((flat < 0) | (flat >= logits.shape[-1]))]
+    if bad.numel():
+        raise ValueError(f"labels must be token ids in [0, {logits.shape[-1]}) or {ignore_index}, got {int(bad[0])}")
+    if not bool((flat != ignore_index).any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(fp32(logits).reshape(-1, logits.shape[-1]), flat, ignore_index=ignore_index)
 
 
 def smooth_targets(targets: Tensor, num_classes: int, eps: float, dtype: torch.dtype | None = None) -> Tensor:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from distill import functional as DF
-from distill.batch import Batch, View
+from distill.batch import Batch, TokenBatch, View
 from distill.methods.base import Method, Paper, register
 
 
@@ -57,12 +57,18 @@ class CrossEntropy(Method):
 
     def __init__(self, weight: float = 1.0, warmup_epochs: int = 0) -> None:
         super().__init__(weight=weight, warmup_epochs=warmup_epochs)
+        self.causal = True  # language models: shift logits and labels unless the student is an encoder-decoder
+
+    def bind_models(self, student: nn.Module, teacher: nn.Module | None, example: Batch) -> None:
+        self.causal = not getattr(getattr(student, "config", None), "is_encoder_decoder", False)
 
     def forward(self, student_view: View, teacher_view: View, batch: Batch) -> Tensor:
+        logits = _logits(student_view, "student")
+        if isinstance(batch, TokenBatch) and logits.dim() == 3:  # a language model: mean over labelled tokens
+            return DF.token_cross_entropy(logits, _targets(self, batch), causal=self.causal)
         if _mixed(batch):
-            return DF.mixed_label_loss(_logits(student_view, "student"), _targets(self, batch), batch.mix_targets,
-                                       batch.mix_lam)
-        return DF.cross_entropy(_logits(student_view, "student"), _targets(self, batch))
+            return DF.mixed_label_loss(logits, _targets(self, batch), batch.mix_targets, batch.mix_lam)
+        return DF.cross_entropy(logits, _targets(self, batch))
 
 
 @register(

@@ -1,14 +1,17 @@
-"""Evaluation: student top-1, teacher top-1, student-teacher agreement and mean KL to the teacher."""
+"""Evaluation: student top-1, teacher top-1, student-teacher agreement and mean KL to the teacher
+(per sample for classifiers, per labelled token for language models)."""
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from distill.batch import as_batch
+from distill.batch import TokenBatch, as_batch, run_model
 from distill.taps import logits_of
 
 
@@ -36,7 +39,12 @@ def evaluate(distiller: Any, loader: Iterable[Any], device: torch.device | str |
     n = correct_s = correct_t = agree = 0
     kl_sum = 0.0
     try:
-        for i, raw in enumerate(loader):
+        batches = iter(loader)
+        first = next(batches, None)
+        batches = itertools.chain([] if first is None else [first], batches)
+        if first is not None and isinstance(as_batch(first), TokenBatch):
+            return _evaluate_tokens(student, teacher, batches, device)
+        for i, raw in enumerate(batches):
             batch = as_batch(raw)
             if device is not None:
                 batch = batch.to(device)
@@ -66,4 +74,63 @@ def evaluate(distiller: Any, loader: Iterable[Any], device: torch.device | str |
     out = {"student_acc": 100.0 * correct_s / n}
     if teacher is not None:
         out.update(teacher_acc=100.0 * correct_t / n, agreement=100.0 * agree / n, kl_to_teacher=kl_sum / n)
+    return out
+
+
+class _TokenTotals:
+    """Running sums of the per-token metrics of one model (and of its agreement with the teacher)."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.correct = 0
+        self.nll = 0.0
+
+
+def _evaluate_tokens(student: Any, teacher: Any, loader: Iterable[Any], device: torch.device | str | None
+                     ) -> dict[str, float]:
+    """The language-model metrics, over every token that carries a label (``labels != -100``; the
+    logits at ``t`` predict the label at ``t + 1`` unless the student is an encoder-decoder):
+    ``student_acc`` (% of tokens whose argmax is the label), ``student_ppl`` (exp of the mean
+    cross-entropy), and with a teacher ``teacher_acc``, ``teacher_ppl``, ``agreement`` (% of tokens
+    where the two argmaxes agree) and ``kl_to_teacher`` (mean per token of KL(p_teacher ‖
+    p_student), nats). The teacher runs live on every call: (B, L, V) logits are too large to keep.
+    """
+    causal = not getattr(getattr(student, "config", None), "is_encoder_decoder", False)
+    s_tot, t_tot = _TokenTotals(), _TokenTotals()
+    agree = 0
+    kl_sum = 0.0
+    for raw in loader:
+        batch = as_batch(raw)
+        if device is not None:
+            batch = batch.to(device)
+        if not isinstance(batch, TokenBatch) or batch.targets is None:
+            raise ValueError("evaluating a language model needs token batches with labels (input_ids, labels)")
+        labels = batch.targets
+        s_logits = logits_of(run_model(student, batch))
+        if causal:
+            s_logits, labels = s_logits[:, :-1], labels[:, 1:]
+        valid = labels != -100
+        s_rows = s_logits[valid].float()  # (N, V): one row per labelled token
+        y = labels[valid]
+        s_log = F.log_softmax(s_rows, -1)
+        s_pred = s_rows.argmax(-1)
+        s_tot.tokens += int(y.numel())
+        s_tot.correct += int((s_pred == y).sum())
+        s_tot.nll += float(-s_log.gather(1, y[:, None]).sum())
+        if teacher is not None:
+            t_logits = teacher(batch)["logits"]
+            t_rows = (t_logits[:, :-1] if causal else t_logits)[valid].float()
+            t_log = F.log_softmax(t_rows, -1)
+            t_pred = t_rows.argmax(-1)
+            t_tot.correct += int((t_pred == y).sum())
+            t_tot.nll += float(-t_log.gather(1, y[:, None]).sum())
+            agree += int((t_pred == s_pred).sum())
+            kl_sum += float(F.kl_div(s_log, t_log, reduction="sum", log_target=True))
+    if s_tot.tokens == 0:
+        raise ValueError("the evaluation loader yielded no labelled token (every label is -100)")
+    n = s_tot.tokens
+    out = {"student_acc": 100.0 * s_tot.correct / n, "student_ppl": math.exp(s_tot.nll / n), "tokens": float(n)}
+    if teacher is not None:
+        out.update(teacher_acc=100.0 * t_tot.correct / n, teacher_ppl=math.exp(t_tot.nll / n),
+                   agreement=100.0 * agree / n, kl_to_teacher=kl_sum / n)
     return out
