@@ -307,6 +307,17 @@ def _rotations(s, t, b):
     return s, t, Batch(b.inputs, torch.tensor([1, 3]).repeat_interleave(4))
 
 
+def _tokens(s, t, b):
+    """Language-model views: logits (2, 5, 10) and labels (2, 5) with a prompt (-100)."""
+    from distill.batch import TokenBatch
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 10, (2, 5), generator=g)
+    labels[0, :2] = -100
+    return ({"logits": torch.randn(2, 5, 10, generator=g).requires_grad_(True)},
+            {"logits": 2 * torch.randn(2, 5, 10, generator=g)}, TokenBatch(labels.clamp_min(0), labels))
+
+
 # name -> (kwargs built with non-default scales, views transform or None, scales to perturb: {name: other value})
 SETUPS: dict[str, tuple[dict, object, dict]] = {
     "ce": ({}, None, {}),
@@ -366,9 +377,17 @@ SETUPS: dict[str, tuple[dict, object, dict]] = {
     "sla": ({"T": 2.5, "beta": 0.6}, "rotations", {"T": 1.5, "beta": 1.4}),
     "tf_fd": ({"intra": 3e-3, "inter": 7e-3}, None, {"intra": 1e-2, "inter": 2e-3}),
     "zipf_ls": ({"power": 1.7}, None, {"power": 0.6}),
+    # token-level LM losses (tests/test_token_methods.py checks each against its written-out objective)
+    "token_kl": ({"T": 1.7, "ce": 0.3}, "tokens", {"T": 2.5, "ce": 0.8}),
+    "token_rkl": ({"T": 1.7, "ce": 0.3}, "tokens", {"T": 2.5, "ce": 0.8}),
+    "gkd": ({"T": 1.7, "beta": 0.3, "ce": 0.3}, "tokens", {"T": 2.5, "beta": 0.8, "ce": 0.8}),
+    "distillm": ({"T": 1.7, "alpha": 0.3, "ce": 0.3}, "tokens", {"T": 2.5, "alpha": 0.6, "ce": 0.8}),
+    "skew_rkl": ({"T": 1.7, "alpha": 0.3, "ce": 0.3}, "tokens", {"T": 2.5, "alpha": 0.6, "ce": 0.8}),
+    "token_tvd": ({"T": 1.7, "ce": 0.3}, "tokens", {"T": 2.5, "ce": 0.8}),
 }
 
-TRANSFORMS = {"indexed": lambda s, t, b: (s, t, indexed(b)), "rocket": _rocket, "rotations": _rotations}
+TRANSFORMS = {"indexed": lambda s, t, b: (s, t, indexed(b)), "rocket": _rocket, "rotations": _rotations,
+              "tokens": _tokens}
 
 
 def test_every_registered_method_is_listed():
