@@ -26,6 +26,15 @@ from distill.data.sources import (
     load_mnist,
     read_idx,
 )
+from distill.data.text import (
+    Passage,
+    TokenLoader,
+    chat_prompts,
+    pack_causal,
+    prompt_completion,
+    split_passages,
+    stdlib_docstrings,
+)
 
 __all__ = [
     "CIFARFormatError",
@@ -47,4 +56,11 @@ __all__ = [
     "load_fashion_mnist",
     "load_mnist",
     "read_idx",
+    "Passage",
+    "TokenLoader",
+    "chat_prompts",
+    "pack_causal",
+    "prompt_completion",
+    "split_passages",
+    "stdlib_docstrings",
 ]

@@ -126,6 +126,22 @@ class IndexedTensorDataset(Dataset):
         return self.inputs[index], y, index
 
 
+def batches_per_epoch(n: int, batch_size: int, world_size: int = 1, split: str = "batch",
+                      drop_last: bool = False) -> int:
+    """Batches per epoch of one rank of a sharded in-memory loader (the same on every rank): ``n``
+    samples in batches of ``batch_size``; ``split="samples"`` deals every ``world_size``-th sample to
+    a rank, ``"batch"`` splits each global batch (a last global batch smaller than the world is
+    dropped, or a rank would get no sample)."""
+    if world_size > 1 and split == "samples":
+        n = n // world_size if drop_last else math.ceil(n / world_size)
+    if drop_last:
+        return n // batch_size
+    batches = math.ceil(n / batch_size)
+    if world_size > 1 and split == "batch" and 0 < n % batch_size < world_size:
+        batches -= 1
+    return batches
+
+
 class InMemoryLoader:
     """Batches straight from tensors held in memory, yielding :class:`~distill.batch.Batch`.
 
@@ -218,15 +234,7 @@ class InMemoryLoader:
 
     def __len__(self) -> int:
         """Number of batches per epoch (of this rank, when sharded: the same on every rank)."""
-        n, b, w = self.num_samples, self.batch_size, self.world_size
-        if w > 1 and self.split == "samples":
-            n = n // w if self.drop_last else math.ceil(n / w)
-        if self.drop_last:
-            return n // b
-        batches = math.ceil(n / b)
-        if w > 1 and self.split == "batch" and 0 < n % b < w:
-            batches -= 1  # a last global batch smaller than the world would leave a rank without a sample
-        return batches
+        return batches_per_epoch(self.num_samples, self.batch_size, self.world_size, self.split, self.drop_last)
 
     def set_shard(self, rank: int, world_size: int, split: str = "batch") -> None:
         """Yield only rank ``rank``'s part of the data of ``world_size`` processes (see the class notes).
