@@ -155,6 +155,26 @@ def teacher_fingerprint(teacher: nn.Module | Sequence[nn.Module] | TeacherSource
     return h.hexdigest()
 
 
+def teacher_mismatch(record: dict[str, Any], teacher: Any) -> list[str]:
+    """``[]`` when ``teacher`` (``None``: unchecked) has the fingerprint a manifest's ``record``
+    (``{"fingerprint", "description"}``) holds, else the one problem line naming both hashes."""
+    if teacher is None:
+        return []
+    fp = teacher_fingerprint(teacher)
+    if fp == record["fingerprint"]:
+        return []
+    return [f"teacher: the cache was built from {record.get('description')} with weights hashing to "
+            f"{record['fingerprint'][:12]}…, this teacher's hash to {fp[:12]}…"]
+
+
+def raise_mismatches(path: Path, problems: list[str], rebuild: str) -> None:
+    """Raise one :class:`CacheMismatchError` listing ``problems`` (nothing when there are none);
+    ``rebuild`` says how to build the cache again."""
+    if problems:
+        raise CacheMismatchError(f"the teacher cache {str(path)!r} does not match:\n  " + "\n  ".join(problems)
+                                 + f"\n  (build it again for these, {rebuild}, or use the live teacher)")
+
+
 def _describe_teacher(source: TeacherSource) -> str:
     if isinstance(source, FrozenTeacher):
         m = source.model
@@ -226,12 +246,40 @@ _NESTED_KEYS = {"teacher": ("fingerprint",), "data": ("fingerprint", "targets")}
 _ARRAY_KEYS = ("dtype", "offset", "shape")
 
 
+def manifest_key_error(file: Path, key: str, what: str = "is missing") -> CacheError:
+    """The :class:`CacheError` for a manifest ``file`` whose ``key`` (``blocks[3].sha256``) is missing or wrong."""
+    return CacheError(f"teacher cache manifest {str(file)!r}: key {key!r} {what}; the file is damaged or was "
+                      "written by another program: build the cache again")
+
+
+def load_manifest(folder: Path, fmt: str, data_file: str, build_hint: str) -> dict[str, Any]:
+    """The JSON manifest of the cache in ``folder``, of format ``fmt``.
+
+    Raises :class:`FileNotFoundError` (with ``build_hint``: how to build one) when there is no
+    manifest, and :class:`CacheError` when the build is unfinished (``data_file`` is there, the
+    manifest is not: it is written last), the JSON is damaged or the format is another.
+    """
+    manifest_file = folder / MANIFEST
+    if not manifest_file.is_file():
+        if (folder / data_file).is_file():
+            raise CacheError(f"teacher cache {str(folder)!r} is unfinished (it has {data_file} but no "
+                             f"{MANIFEST}: the build stopped before the end); build it again")
+        raise FileNotFoundError(f"no teacher cache at {str(folder)!r} (no {MANIFEST}); build one with {build_hint}")
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CacheError(f"teacher cache {str(folder)!r}: {MANIFEST} is not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise CacheError(f"teacher cache {str(folder)!r}: format {got!r}, expected {fmt!r}")
+    return manifest
+
+
 def _check_manifest(manifest: dict[str, Any], file: Path) -> None:
     """Every key the reader uses is there, with the right kind of value; a :class:`CacheError`
     naming the file and the first missing key (``blocks[3].sha256``) otherwise."""
     def missing(key: str, what: str = "is missing") -> CacheError:
-        return CacheError(f"teacher cache manifest {str(file)!r}: key {key!r} {what}; the file is damaged or was "
-                          "written by another program: build the cache again")
+        return manifest_key_error(file, key, what)
 
     for key in _MANIFEST_KEYS:
         if key not in manifest:
@@ -277,19 +325,8 @@ class TeacherCache:
         self.verify_mode = _verify_mode(verify)
         manifest_file = self.path / MANIFEST
         data_file = self.path / DATA_FILE
-        if not manifest_file.is_file():
-            if data_file.is_file():
-                raise CacheError(f"teacher cache {str(self.path)!r} is unfinished (it has {DATA_FILE} but no "
-                                 f"{MANIFEST}: the build stopped before the end); build it again")
-            raise FileNotFoundError(f"no teacher cache at {str(self.path)!r} (no {MANIFEST}); build one with "
-                                    "`distill cache build RECIPE --out PATH` or distill.cache.build_cache")
-        try:
-            manifest = json.loads(manifest_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CacheError(f"teacher cache {str(self.path)!r}: {MANIFEST} is not valid JSON ({e})") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-            raise CacheError(f"teacher cache {str(self.path)!r}: format {got!r}, expected {FORMAT!r}")
+        manifest = load_manifest(self.path, FORMAT, DATA_FILE,
+                                 "`distill cache build RECIPE --out PATH` or distill.cache.build_cache")
         _check_manifest(manifest, manifest_file)
         self.manifest: dict[str, Any] = manifest
         if not data_file.is_file():
@@ -456,12 +493,7 @@ class TeacherCache:
         for caches of augmented views; a plain cache ignores the augmentation on purpose).
         """
         m = self.manifest
-        problems: list[str] = []
-        if teacher is not None:
-            fp = teacher_fingerprint(teacher)
-            if fp != m["teacher"]["fingerprint"]:
-                problems.append(f"teacher: the cache was built from {m['teacher']['description']} with weights hashing "
-                                f"to {m['teacher']['fingerprint'][:12]}…, this teacher's hash to {fp[:12]}…")
+        problems = teacher_mismatch(m["teacher"], teacher)
         if inputs is not None:
             fp = data_fingerprint(inputs)
             if fp != m["data"]["fingerprint"]:
@@ -489,10 +521,7 @@ class TeacherCache:
                 if given["keys"] != cached["keys"]:
                     diffs.append(f"per-sample key scheme {given['keys']!r} instead of {cached['keys']!r}")
                 problems.append("augmentation: the loader draws " + "; ".join(diffs))
-        if problems:
-            raise CacheMismatchError(
-                f"the teacher cache {str(self.path)!r} does not match:\n  " + "\n  ".join(problems)
-                + "\n  (build it again for these, e.g. `distill cache build RECIPE --overwrite`, or use the live teacher)")
+        raise_mismatches(self.path, problems, "e.g. `distill cache build RECIPE --overwrite`")
 
     def describe(self) -> str:
         """A few lines for ``distill cache info``."""
