@@ -118,7 +118,8 @@ def test_a_package_that_fails_to_import_says_why(monkeypatch):
 def test_core_import_loads_no_ecosystem():
     import subprocess
 
-    code = ("import sys, distill, distill.recipes, distill.runner, distill.cli, distill.train; "
+    code = ("import sys, distill, distill.recipes, distill.runner, distill.cli, distill.train, distill.train.hf_trainer, "
+            "distill.strategies.gkd; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in "
             "('timm', 'torchvision', 'transformers', 'tensorboard', 'mlflow')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

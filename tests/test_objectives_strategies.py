@@ -656,6 +656,7 @@ CHECKED = {
     "data_distillation": "tests/test_transfer.py::"
                          "test_data_distillation_student_minimises_ce_on_labels_and_ensembled_pseudo_labels",
     "co_training": "tests/test_transfer.py::test_each_view_classifier_minimises_cross_entropy_on_its_view",
+    "gkd": "tests/test_gkd.py::test_gkd_minimises_beta_jsd_on_the_students_samples",
 }
 
 

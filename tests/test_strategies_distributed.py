@@ -33,7 +33,8 @@ sys.path.insert(0, str(HERE))
 from test_distributed import DATA_ENV, _launch
 
 # a registered strategy not run here must say why
-NOT_RUN = {"codistillation": "one model per process by design: tests/test_distributed.py runs it under torchrun"}
+NOT_RUN = {"codistillation": "one model per process by design: tests/test_distributed.py runs it under torchrun",
+           "gkd": "a causal LM on token batches, not a digits recipe (tests/test_gkd.py)"}
 RUN_KW = {"lr": 0.1, "momentum": 0.9, "schedule": "constant", "progress": False, "device": "cpu", "seed": 0}
 
 

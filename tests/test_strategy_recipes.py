@@ -42,6 +42,7 @@ NEEDS: dict[str, dict] = {
 # strategies not run by this single-process test, each for a stated reason
 PYTHON_ONLY = {
     "codistillation": "one model per process: it needs torchrun with 2+ processes (tests/test_distributed.py)",
+    "gkd": "a causal LM on token batches, not a digits recipe (tests/test_gkd.py runs it through fit)",
 }
 
 

@@ -241,3 +241,24 @@ def test_fit_trains_a_language_model_on_token_batches(tmp_path):
     first, last = result.history[0], result.history[-1]
     assert last["val_student_ppl"] < first["val_student_ppl"] and last["train_loss"] < first["train_loss"]
     assert "val_kl_to_teacher" in last and (tmp_path / "run" / "metrics.jsonl").is_file()
+
+
+def test_evaluating_with_a_cached_teacher_uses_its_live_model(tmp_path):
+    from distill.data.text import TokenLoader
+    from distill.methods.tokens import TokenKD
+    from distill.token_cache import CachedTokenTeacher, build_token_cache
+    from distill.train.evaluate import evaluate
+
+    teacher = tiny_llama(seed=40, layers=1)
+    train, val = hf_batch(b=4, seed=41), hf_batch(b=3, seed=42)
+    loader = TokenLoader(train["input_ids"], train["labels"], train["attention_mask"], 2, shuffle=False)
+    build_token_cache(teacher, loader, tmp_path / "cache", k=5, progress=False)
+    val_loader = TokenLoader(val["input_ids"], val["labels"], val["attention_mask"], 3, shuffle=False)
+    student = tiny_llama(seed=43)
+    with_live = Distiller(student, CachedTokenTeacher(tmp_path / "cache", teacher=teacher), losses={"kd": TokenKD()})
+    got = evaluate(with_live, val_loader)  # the validation rows are not in the cache: the live teacher judges
+    ref = evaluate(Distiller(student, teacher, losses={"ce": 1.0}), val_loader)
+    assert got == ref and "kl_to_teacher" in got
+    cache_only = Distiller(student, CachedTokenTeacher(tmp_path / "cache"), losses={"kd": TokenKD()})
+    plain = evaluate(cache_only, val_loader)
+    assert "kl_to_teacher" not in plain and plain["student_acc"] == ref["student_acc"]

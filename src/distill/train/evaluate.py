@@ -93,9 +93,14 @@ def _evaluate_tokens(student: Any, teacher: Any, loader: Iterable[Any], device: 
     ``student_acc`` (% of tokens whose argmax is the label), ``student_ppl`` (exp of the mean
     cross-entropy), and with a teacher ``teacher_acc``, ``teacher_ppl``, ``agreement`` (% of tokens
     where the two argmaxes agree) and ``kl_to_teacher`` (mean per token of KL(p_teacher ‖
-    p_student), nats). The teacher runs live on every call: (B, L, V) logits are too large to keep.
+    p_student), nats). The teacher runs live on every call: (B, L, V) logits are too large to keep;
+    a cached teacher (:class:`~distill.token_cache.CachedTokenTeacher`) is replaced by the live model
+    it was given (``teacher=``), or leaves the teacher's metrics out.
     """
     causal = not getattr(getattr(student, "config", None), "is_encoder_decoder", False)
+    if teacher is not None and hasattr(teacher, "fallback"):
+        # a teacher cache holds the training sequences only: its live teacher (or none) judges others
+        teacher = teacher.fallback
     s_tot, t_tot = _TokenTotals(), _TokenTotals()
     agree = 0
     kl_sum = 0.0

@@ -21,6 +21,7 @@ from distill.data.augment import mix_seed
 from distill.data.loader import check_finite
 from distill.files import atomic_write_text
 from distill.train import distributed as D
+from distill.train import fsdp as F
 from distill.train.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -45,6 +46,7 @@ __all__ = ["EpochLog", "EpochLosses", "FitProgress", "FitResult", "LabelRangeErr
            "seed_everything"]
 
 UNLABELED = -1  # the label of a sample without one (semi-supervised loaders); checks skip it
+IGNORE_TOKEN = -100  # a token label without loss (padding, prompt), the Hugging Face convention
 
 
 class NonFiniteLossError(RuntimeError):
@@ -150,10 +152,12 @@ def _resolve_amp(amp: bool | str, device: torch.device) -> torch.dtype | None:
 
 
 def _check_labels(targets: torch.Tensor | None, num_classes: int | None, where: str) -> None:
-    """Every label in ``[0, num_classes)``; ``-1`` marks an unlabeled sample and is skipped."""
+    """Every label in ``[0, num_classes)``; ``-1`` marks an unlabeled sample and is skipped, and so
+    does ``-100`` in a token batch's labels (``(B, L)``: a position without loss, the Hugging Face way)."""
     if targets is None or num_classes is None or targets.numel() == 0:
         return
-    targets = targets[targets != UNLABELED]
+    tokens = targets.dim() >= 2
+    targets = targets[(targets != UNLABELED) & ((targets != IGNORE_TOKEN) | (not tokens))]
     if targets.numel() == 0:
         return
     lo, hi = int(targets.min()), int(targets.max())
@@ -161,7 +165,8 @@ def _check_labels(targets: torch.Tensor | None, num_classes: int | None, where: 
         bad = targets[(targets < 0) | (targets >= num_classes)].unique()[:10].tolist()
         raise LabelRangeError(
             f"labels out of range in {where}: found {bad}; the student has {num_classes} outputs, "
-            f"so labels must lie in [0, {num_classes - 1}] (or be {UNLABELED} for an unlabeled sample)"
+            f"so labels must lie in [0, {num_classes - 1}] (or be {UNLABELED} for an unlabeled sample"
+            + (f", {IGNORE_TOKEN} for a token without loss)" if tokens else ")")
         )
 
 
@@ -202,10 +207,12 @@ def fit(
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
     checkpoint_every: int = 1,
     ddp: bool | None = None,
+    fsdp: bool = False,
     sync_bn: bool = False,
     find_unused_parameters: bool | None = None,
     loggers: Sequence[Any] | None = None,
     nan_check_every: int | None = None,
+    batch_transform: Callable[[Batch], Batch] | None = None,
 ) -> FitResult:
     """Train ``distiller.student`` (and the methods' parts) for ``epochs`` epochs.
 
@@ -275,6 +282,10 @@ def fit(
         ddp: ``None`` (default): DDP when launched with several processes; ``False``: each
             process trains on its own, whatever the launch (codistillation workers);
             ``True``: require a multi-process launch.
+        fsdp: shard the student with FSDP2 instead of DDP (:mod:`distill.train.fsdp`: ``fully_shard`` on
+            each transformer block, then the root); needs a multi-process launch. Every rank evaluates
+            (the sharded student runs only with all ranks), and checkpoints hold the full (unsharded)
+            state dicts gathered on rank 0, so a saved student loads without FSDP.
         sync_bn: under DDP, convert the student's BatchNorm layers to SyncBatchNorm (statistics
             over the global batch; GPU only, refused on CPU).
         find_unused_parameters: passed to DDP (default: on when a method has trainable parameters).
@@ -289,6 +300,10 @@ def fit(
             DDP (reading costs nothing there: DDP synchronises every step anyway), 50 on an
             accelerator. The gradient norm is checked too (``clip_grad_norm_``'s, or one
             ``get_total_norm`` per step without ``grad_clip``), except under fp16's gradient scaler.
+        batch_transform: applied to each training batch after it is moved to the device, before the
+            step (e.g. :class:`distill.strategies.gkd.OnPolicy`, which replaces completions by the
+            student's samples); ``set_epoch(epoch)`` is called on it at each epoch start when it has one.
+            The example batch of ``prepare`` and the validation batches are not transformed.
 
     Raises:
         NonFiniteLossError: a loss, or the gradient norm (a NaN gradient from a finite loss), became
@@ -315,7 +330,13 @@ def fit(
         raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip}")
     if ddp not in (None, True, False):
         raise ValueError(f"ddp must be None (automatic), True or False, got {ddp!r}")
+    if batch_transform is not None and not callable(batch_transform):
+        raise TypeError(f"batch_transform must be a callable Batch -> Batch or None, got {batch_transform!r}")
+    if fsdp not in (True, False) or (fsdp and ddp is False):
+        raise ValueError(f"fsdp must be True or False and excludes ddp=False, got fsdp={fsdp!r}, ddp={ddp!r}")
     info = D.dist_info() if ddp is not False else D.DistInfo()
+    if fsdp and not info.enabled:
+        raise ValueError("fsdp=True needs a multi-process launch (torchrun --nproc_per_node=N ...), but WORLD_SIZE is 1")
     if ddp is True and not info.enabled:
         raise ValueError("ddp=True needs a multi-process launch (torchrun --nproc_per_node=N ...), but WORLD_SIZE is 1")
     check_loggers(loggers, run_dir=run_dir)  # unknown name, absent package: before any work
@@ -337,7 +358,8 @@ def fit(
                           on_epoch_end=on_epoch_end, checkpoint_every=checkpoint_every, info=info, seed=seed,
                           sync_bn=sync_bn, find_unused_parameters=find_unused_parameters, overwrite=overwrite,
                           fingerprint=fingerprint, run_dir_lock=run_dir_lock, loggers=loggers,
-                          nan_check_every=nan_check_every)
+                          nan_check_every=nan_check_every, fsdp=fsdp,
+                          batch_transform=batch_transform)
     finally:
         caller.restore()  # the random states, deterministic mode and cuDNN flags the caller had
     if info.enabled:
@@ -383,7 +405,8 @@ def _fit(distiller: Any, train_loader: Iterable[Any], val_loader: Iterable[Any] 
          checkpoint_every: int, info: D.DistInfo, seed: int, sync_bn: bool,
          find_unused_parameters: bool | None, overwrite: bool = False,
          fingerprint: Mapping[str, Any] | None = None, run_dir_lock: ExitStack | None = None,
-         loggers: Sequence[Any] | None = None, nan_check_every: int | None = None) -> FitResult:
+         loggers: Sequence[Any] | None = None, nan_check_every: int | None = None,
+         fsdp: bool = False, batch_transform: Callable[[Batch], Batch] | None = None) -> FitResult:
     device = torch.device(device) if device is not None else next(distiller.student.parameters()).device
     if info.enabled:
         device = D.resolve_device(device, info)
@@ -421,6 +444,8 @@ def _fit(distiller: Any, train_loader: Iterable[Any], val_loader: Iterable[Any] 
     if val_loader is not None and isinstance(getattr(val_loader, "targets", None), torch.Tensor):
         _check_labels(val_loader.targets, num_classes, "the validation set")
 
+    # FSDP shards the student in place (its parameters become DTensor shards): before the optimizer
+    sharded = F.FSDPDistiller(distiller, num_samples) if fsdp else None
     with D.shard_loader(train_loader, info):  # this rank's part of every global batch (no-op alone)
         steps_per_epoch = len(train_loader) if hasattr(train_loader, "__len__") else 1  # type: ignore[arg-type]
         opt = make_optimizer(distiller.trainable_parameters(), optimizer, lr=lr, momentum=momentum,
@@ -437,10 +462,15 @@ def _fit(distiller: Any, train_loader: Iterable[Any], val_loader: Iterable[Any] 
                         for n, p in module.named_parameters() if p.requires_grad]
 
         def restore_training_state(state: dict[str, Any]) -> None:  # a resume, or a rollback after a NaN
-            distiller.load_trainable_state_dict(state["distiller"])
+            if fsdp:  # full tensors in the file: each rank keeps its shards
+                F.load_full_state_dict(distiller.student, state["distiller"]["student"])
+                distiller.methods.load_state_dict(state["distiller"]["methods"])
+                F.load_full_optimizer_state_dict(distiller.student, opt, state["optimizer"])
+            else:
+                distiller.load_trainable_state_dict(state["distiller"])
+                opt.load_state_dict(state["optimizer"])
             if changing_teacher and state.get("teacher") is not None:
                 teacher.load_state_dict(state["teacher"])
-            opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["schedule"])
             if scaler is not None and state.get("scaler"):
                 scaler.load_state_dict(state["scaler"])
@@ -476,7 +506,7 @@ def _fit(distiller: Any, train_loader: Iterable[Any], val_loader: Iterable[Any] 
         log.begin()
         stepper: Any = distiller
         if info.enabled:
-            stepper = D.DDPDistiller(distiller, num_samples, find_unused_parameters)
+            stepper = sharded or D.DDPDistiller(distiller, num_samples, find_unused_parameters)
             if info.rank > 0:  # dropout and other noise: each rank its own stream, rank 0 the single-process one
                 _reseed(mix_seed(seed, info.rank, start_epoch))
 
@@ -492,11 +522,15 @@ def _fit(distiller: Any, train_loader: Iterable[Any], val_loader: Iterable[Any] 
                 t0 = time.perf_counter()
                 D.set_loader_epoch(train_loader, epoch)
                 distiller.set_epoch(epoch, epochs)
+                if batch_transform is not None and hasattr(batch_transform, "set_epoch"):
+                    batch_transform.set_epoch(epoch)
                 distiller.train()
                 losses = EpochLosses(device)
                 bar.start_epoch(epoch)
                 for step, raw in enumerate(train_loader):
                     batch = as_batch(raw).to(device, non_blocking=True)
+                    if batch_transform is not None:
+                        batch = batch_transform(batch)
                     if epoch == start_epoch and not isinstance(all_targets, torch.Tensor):
                         _check_labels(batch.targets, num_classes, f"training batch {step}")
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -530,6 +564,8 @@ def _fit(distiller: Any, train_loader: Iterable[Any], val_loader: Iterable[Any] 
                         loss.backward()
                         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip is not None else \
                             torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+                        if fsdp:  # a DTensor over the shards: the global norm, on every rank
+                            norm = norm.full_tensor()
                         watch.observe(step, None if info.enabled else out, norm)
                         if watch.due(step):
                             watch.check(epoch, step, log.checkpoint_dir, amp_dtype)
@@ -549,7 +585,7 @@ def _fit(distiller: Any, train_loader: Iterable[Any], val_loader: Iterable[Any] 
                 for name, m in distiller.methods.items():
                     for key, value in getattr(m, "log_values", dict)().items():
                         row[f"{name}_{key}"] = value
-                if val_loader is not None and info.is_main:
+                if val_loader is not None and (info.is_main or fsdp):  # the sharded student needs every rank
                     row.update({f"val_{k}": v for k, v in evaluate(
                         distiller, val_loader, device, with_teacher=eval_teacher and teacher is not None,
                         teacher_cache=teacher_cache).items()})
@@ -557,15 +593,20 @@ def _fit(distiller: Any, train_loader: Iterable[Any], val_loader: Iterable[Any] 
                 if info.enabled:
                     row = D.broadcast_object(row)  # rank 0's evaluation and method logs on every rank
                 # the methods' parts too: a method's predictor (SimKD's projector) is part of the model
-                log.end_epoch(row, lambda: {"student": distiller.student.state_dict(),
+                saving = log.checkpoint_dir is not None and ((epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs)
+                if fsdp and log.checkpoint_dir is not None:  # gathered by every rank (collectives), written
+                    trainable = {"student": F.full_state_dict(distiller.student),  # by rank 0: ordinary dicts
+                                 "methods": distiller.methods.state_dict()}
+                    opt_state = F.full_optimizer_state_dict(distiller.student, opt) if saving else None
+                log.end_epoch(row, lambda: {"student": trainable["student"] if fsdp else distiller.student.state_dict(),
                                             "methods": distiller.methods.state_dict(), "fingerprint": spec})
                 bar.end_epoch(row)
-                if log.write and ((epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs):
+                if log.write and saving:
                     save_checkpoint(log.checkpoint_dir / "last.pt", {  # type: ignore[operator]
                         "epoch": epoch,
-                        "distiller": distiller.trainable_state_dict(),
+                        "distiller": trainable if fsdp else distiller.trainable_state_dict(),
                         "teacher": teacher.state_dict() if changing_teacher else None,
-                        "optimizer": opt.state_dict(),
+                        "optimizer": opt_state if fsdp else opt.state_dict(),
                         "schedule": sched.state_dict(),
                         "scaler": scaler.state_dict() if scaler is not None else None,
                         "rng": rng_state(),
