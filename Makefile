@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 # The CPU build of torch that lies on this disk; with it installed, `torch>=2.4` adds nothing.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv install install-test demo test test-vision lint bench bench-peers mutate clean
+.PHONY: venv install install-test demo test test-vision lint bench bench-llm bench-peers mutate clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -18,12 +18,13 @@ install: $(PY)
 	$(PIP) install -q $(TORCH_PIN)
 	$(PIP) install -q -e '.[plot]'
 
-# The optional ecosystems the tests exercise: `log` (tensorboard, mlflow-skinny) and `hf` (transformers);
-# none of them touches torch. `vision` is left out: timm imports torchvision at import time, and PyPI's
+# The optional ecosystems the tests exercise: `log` (tensorboard, mlflow-skinny) and `llm` (transformers,
+# accelerate, gguf, peft: the language-model tests build tiny models, nothing is downloaded); none of them
+# touches torch. `vision` is left out: timm imports torchvision at import time, and PyPI's
 # torchvision is the CUDA build (it pulls a CUDA torch, ~5.5 GB, and does not load with the CPU one), so
 # the timm and torchvision tests skip here, naming why; `make test-vision` runs them with torchvision.
 install-test: install
-	$(PIP) install -q -e '.[test,log,hf]'
+	$(PIP) install -q -e '.[test,log,llm]'
 
 demo: install
 	$(VENV)/bin/distill demo
@@ -34,6 +35,11 @@ test: install-test
 
 bench: install
 	$(PY) benchmarks/overhead.py
+
+# Peak memory and time of the chunked token-level KD loss vs the naive one at SmolLM2's vocabulary (issue 11);
+# compares with TRL and torchtune too where they are installed (never test dependencies). Minutes on 2 cores.
+bench-llm: install
+	nice -n 10 $(PY) benchmarks/llm_memory.py $(BENCH_LLM_ARGS)
 
 # distill beside torchdistill (benchmarks/peers.py), in an environment of its own, never part of `make test`:
 # torchdistill needs torchvision, and the torch/torchvision pair it gets here is the CUDA build (~5.5 GB).

@@ -16,13 +16,14 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("base", ["distill.batch", "distill.papers", "distill.files", "distill.locks"]),
     ("models, data, integrations", ["distill.models", "distill.data", "distill.integrations"]),
     ("functional", ["distill.functional"]),
-    ("taps, adapters, teacher sources", ["distill.taps", "distill.adapters", "distill.teachers", "distill.cache"]),
+    ("taps, adapters, teacher sources", ["distill.taps", "distill.adapters", "distill.teachers", "distill.cache",
+                                          "distill.token_cache", "distill.generations"]),
     ("methods", ["distill.methods"]),
     ("distiller", ["distill.distiller"]),
     ("train", ["distill.train"]),
     ("strategies, synthesis", ["distill.strategies", "distill.synthesis"]),
     ("recipes", ["distill.recipes", "distill.report"]),
-    ("runner", ["distill.runner", "distill.demo"]),
+    ("runner", ["distill.runner", "distill.lm_runner", "distill.demo"]),
     ("commands", ["distill.cli", "distill.__main__", "distill"]),
 ]
 

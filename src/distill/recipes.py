@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 
 class RecipeError(ValueError):
@@ -434,13 +442,17 @@ def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
     return recipe
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a YAML recipe file."""
+def read_recipe_file(path: str | Path) -> Any:
+    """The parsed YAML of a recipe file (not yet validated); a clear error when absent or not YAML."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"recipe {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: not valid YAML: {e}") from None
-    return parse_recipe(data, str(path))
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a YAML recipe file."""
+    return parse_recipe(read_recipe_file(path), str(path))
