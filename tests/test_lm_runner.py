@@ -48,6 +48,11 @@ def test_lm_recipe_runs_end_to_end_and_refuses_to_overwrite(tmp_path):
     assert yaml.safe_load((folder / "recipe.yaml").read_text())["name"] == "tiny_lm"
     with pytest.raises(RunFolderError):  # a row's results are never silently replaced
         run_lm_recipe(recipe, out_dir=tmp_path / "runs", progress=False)
+    changed = parse_lm_recipe(recipe_dict(teacher_dir, train={"epochs": 3, "batch_size": 3, "eval_batch_size": 4,
+                                                              "lr": 1e-2}))
+    with pytest.raises(RunFolderError, match="recipe.yaml differs"):  # another version never relabels results
+        run_lm_recipe(changed, out_dir=tmp_path / "runs", progress=False, resume=True)
+    assert yaml.safe_load((folder / "recipe.yaml").read_text())["train"]["epochs"] == 2
     # one row again, with overwrite: the other row's results are kept
     run_lm_recipe(recipe, out_dir=tmp_path / "runs", progress=False, overwrite=True, rows=["forward_kl"])
     again = json.loads((folder / "results.json").read_text())

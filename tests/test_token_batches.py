@@ -212,7 +212,8 @@ def test_evaluate_language_model_metrics_by_hand():
     nll = kl = 0.0
     for raw in batches:
         kw = {k: raw[k] for k in ("input_ids", "attention_mask")}
-        s, t = student(**kw).logits.double(), teacher(**kw).logits.double()
+        with torch.no_grad():
+            s, t = student(**kw).logits.double(), teacher(**kw).logits.double()
         for b in range(raw["labels"].shape[0]):
             for pos in range(raw["labels"].shape[1] - 1):
                 y = int(raw["labels"][b, pos + 1])

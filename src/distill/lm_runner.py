@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 from rich.console import Console
 from rich.table import Table
 
@@ -52,15 +52,16 @@ from distill.locks import RunLock
 from distill.methods.base import create_method
 from distill.recipes import (
     RecipeError,
-    _format,
     _Strict,
     read_recipe_file,
     validate_losses,
+    validate_schema,
 )
 from distill.teachers import FrozenTeacher
 from distill.token_cache import CachedTokenTeacher, build_token_cache
 from distill.train.evaluate import evaluate
 from distill.train.loop import fit
+from distill.train.rundir import RunFolderError
 
 console = Console()
 
@@ -149,12 +150,7 @@ def is_lm_recipe(path: str | Path) -> bool:
 def parse_lm_recipe(data: Any, source: str = "recipe") -> LMRecipe:
     """Validate an LM recipe mapping; :class:`~distill.recipes.RecipeError` lists every bad key,
     including unknown losses and their arguments, before any model is loaded."""
-    if not isinstance(data, dict):
-        raise RecipeError(f"{source}: a recipe is a mapping of keys, got {type(data).__name__}")
-    try:
-        recipe = LMRecipe.model_validate(data)
-    except ValidationError as e:
-        raise RecipeError(f"{source} is invalid:\n" + "\n".join(_format(e))) from None
+    recipe = validate_schema(LMRecipe, data, source)
     for row, losses in recipe.students.items():
         try:
             validate_losses(losses)
@@ -290,7 +286,12 @@ def run_lm_recipe(recipe: LMRecipe, *, out_dir: str | Path | None = None, progre
     if recipe.train.threads is not None:
         torch.set_num_threads(recipe.train.threads)
     with RunLock(folder):
-        atomic_write_text(folder / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+        recipe_file, text = folder / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+        if recipe_file.is_file() and recipe_file.read_text() != text and not overwrite:
+            raise RunFolderError(f"{str(folder)!r} holds the results of another version of the recipe {recipe.name!r} "
+                                 f"(its recipe.yaml differs from this one): pass --overwrite to replace them, or "
+                                 "give the recipe another name or --out")
+        atomic_write_text(recipe_file, text)
         t0 = time.perf_counter()
         teacher, tokenizer = load_teacher(recipe.teacher)
         console.print(f"teacher {recipe.teacher.model}: {parameters_millions(teacher):.1f}M parameters, "

@@ -13,7 +13,7 @@ import inspect
 import math
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -425,14 +425,22 @@ def validate_losses(losses: dict[str, float | dict[str, Any]]) -> dict[str, dict
     return out
 
 
-def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
-    """Validate a recipe mapping; raises :class:`RecipeError` listing every bad key."""
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate_schema(schema: type[M], data: Any, source: str = "recipe") -> M:
+    """``data`` validated against a recipe schema; :class:`RecipeError` lists every bad key."""
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a mapping of keys, got {type(data).__name__}")
     try:
-        recipe = Recipe.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as e:
         raise RecipeError(f"{source} is invalid:\n" + "\n".join(_format(e))) from None
+
+
+def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
+    """Validate a recipe mapping; raises :class:`RecipeError` listing every bad key."""
+    recipe = validate_schema(Recipe, data, source)
     try:
         validate_losses(recipe.losses)
         if recipe.strategy is not None:

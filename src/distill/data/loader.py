@@ -142,6 +142,24 @@ def batches_per_epoch(n: int, batch_size: int, world_size: int = 1, split: str =
     return batches
 
 
+def rank_batches(order: Tensor, batch_size: int, num_batches: int, rank: int = 0, world_size: int = 1,
+                 split: str = "batch", drop_last: bool = False) -> list[Tensor]:
+    """The indices of the batches one rank yields in an epoch whose sample order is ``order``
+    ``(N,)``: ``split="samples"`` deals every ``world_size``-th sample to a rank (padding by wrapping
+    around), ``"batch"`` gives the rank its contiguous part of each global batch; ``num_batches`` is
+    :func:`batches_per_epoch`'s count."""
+    if world_size > 1 and split == "samples":
+        n = int(order.shape[0])
+        total = (n // world_size if drop_last else math.ceil(n / world_size)) * world_size
+        if total > n:  # pad by wrapping around (several times if there are fewer samples than ranks)
+            order = order.repeat(math.ceil(total / n))
+        order = order[:total][rank::world_size]
+    batches = list(order.split(batch_size))[:num_batches]
+    if world_size > 1 and split == "batch":
+        batches = [torch.tensor_split(b, world_size)[rank] for b in batches]
+    return batches
+
+
 class InMemoryLoader:
     """Batches straight from tensors held in memory, yielding :class:`~distill.batch.Batch`.
 
@@ -311,18 +329,8 @@ class InMemoryLoader:
     def batch_indices(self, epoch: int | None = None) -> list[Tensor]:
         """The sample indices (CPU, int64) of every batch this loader (this rank) yields in ``epoch``."""
         epoch = self.epoch if epoch is None else epoch
-        order = self.order(epoch)
-        w = self.world_size
-        if w > 1 and self.split == "samples":
-            n = self.num_samples
-            total = (n // w if self.drop_last else math.ceil(n / w)) * w
-            if total > n:  # pad by wrapping around (several times if there are fewer samples than ranks)
-                order = order.repeat(math.ceil(total / n))
-            order = order[:total][self.rank::w]
-        batches = list(order.split(self.batch_size))[: len(self)]
-        if w > 1 and self.split == "batch":
-            batches = [torch.tensor_split(b, w)[self.rank] for b in batches]
-        return batches
+        return rank_batches(self.order(epoch), self.batch_size, len(self), self.rank, self.world_size, self.split,
+                            self.drop_last)
 
     def __iter__(self) -> Iterator[Batch]:
         epoch = self.epoch

@@ -20,7 +20,6 @@ Tokenizers are duck-typed Hugging Face tokenizers (``__call__``, ``eos_token_id`
 from __future__ import annotations
 
 import hashlib
-import math
 import string
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -36,7 +35,7 @@ from distill.data.corpus import (
     split_passages,
     stdlib_docstrings,
 )
-from distill.data.loader import batches_per_epoch
+from distill.data.loader import batches_per_epoch, rank_batches
 
 __all__ = [
     "DEFAULT_PROMPT_TEMPLATE",
@@ -418,18 +417,8 @@ class TokenLoader:
 
     def batch_indices(self, epoch: int | None = None) -> list[Tensor]:
         """The row indices (CPU, int64) of every batch this loader (this rank) yields in ``epoch``."""
-        order = self.order(epoch)
-        w = self.world_size
-        if w > 1 and self.split == "samples":
-            n = self.num_samples
-            total = (n // w if self.drop_last else math.ceil(n / w)) * w
-            if total > n:
-                order = order.repeat(math.ceil(total / n))
-            order = order[:total][self.rank::w]
-        batches = list(order.split(self.batch_size))[: len(self)]
-        if w > 1 and self.split == "batch":
-            batches = [torch.tensor_split(b, w)[self.rank] for b in batches]
-        return batches
+        return rank_batches(self.order(epoch), self.batch_size, len(self), self.rank, self.world_size, self.split,
+                            self.drop_last)
 
     def batch(self, index: Tensor) -> dict[str, Tensor]:
         """The batch of rows ``index`` ``(B,)``, trimmed as the loader trims."""
