@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import multiprocessing
 import shutil
 import time
 from contextlib import redirect_stdout
@@ -296,19 +295,7 @@ def _main_full(a: argparse.Namespace) -> None:
              "teacher_pred": str(out / "teacher_pred.pt"), "teacher_acc": teacher_acc,
              "run_dir": str(out / "runs" / f"{n}-seed{s}")}
             for s in range(a.seeds) for n in names]  # seed by seed: a run cut short still has every method
-    runs, failed = [], []
-    if a.reuse:
-        done = [j for j in jobs if (Path(j["run_dir"]) / "summary.json").is_file()]
-        runs = [read_run(Path(j["run_dir"])) for j in done]
-        jobs = [j for j in jobs if j not in done]
-        print(f"reusing {len(done)} finished runs, running {len(jobs)}", flush=True)
-    for res in run_pool(_full_job, jobs, a.workers):
-        if "error" in res:
-            failed.append(res)
-            print(f"{res['name']} seed {res['seed']}: FAILED: {res['error']}", flush=True)
-            continue
-        runs.append(read_run(Path(out / "runs" / f"{res['name']}-seed{res['seed']}")))
-        print(f"{res['name']} seed {res['seed']}: {res['last_acc']:.2f}% ({res['time_s']:.0f} s)", flush=True)
+    runs, failed = _run_jobs(_full_job, jobs, a.workers, reuse=a.reuse)
 
     for i, run in enumerate(runs):  # runs finished before the teacher was trained (scratch) get their agreement now
         if run.summary.get("agreement") is None and (run.path / "test_pred.pt").is_file():
@@ -347,6 +334,27 @@ def _delta(row: Any, ref: Any) -> str:
         return ""
     se = ((row.last_acc.std or 0.0) ** 2 / row.last_acc.n + (ref.last_acc.std or 0.0) ** 2 / ref.last_acc.n) ** 0.5
     return f"{row.last_acc.mean - ref.last_acc.mean:+.2f} ± {se:.2f}"
+
+
+def _run_jobs(fn: Any, jobs: list[dict[str, Any]], workers: int, *, reuse: bool) -> tuple[list[Any], list[dict]]:
+    """Every job's run (``fn`` in ``workers`` spawned processes), and the failed ones; with ``reuse``
+    the jobs whose run folder already holds a ``summary.json`` are read, not run again."""
+    runs: list[Any] = []
+    failed: list[dict] = []
+    if reuse:  # finished runs stay as they are
+        done = [j for j in jobs if (Path(j["run_dir"]) / "summary.json").is_file()]
+        runs = [read_run(Path(j["run_dir"])) for j in done]
+        jobs = [j for j in jobs if j not in done]
+        print(f"reusing {len(done)} finished runs, running {len(jobs)}", flush=True)
+    run_dirs = {(j["name"], j["seed"]): Path(j["run_dir"]) for j in jobs}
+    for res in run_pool(fn, jobs, workers):
+        if "error" in res:
+            failed.append(res)
+            print(f"{res['name']} seed {res['seed']}: FAILED: {res['error']}", flush=True)
+            continue
+        runs.append(read_run(run_dirs[(res["name"], res["seed"])]))
+        print(f"{res['name']} seed {res['seed']}: {res['last_acc']:.2f}% ({res['time_s']:.0f} s)", flush=True)
+    return runs, failed
 
 
 def main() -> None:
@@ -417,21 +425,7 @@ def main() -> None:
     jobs = [{"name": n, "seed": s, "args": vars(args), "teacher": str(out / "teacher.pt"), "data": str(out / "data.pt"),
              "teacher_acc": teacher_acc, "run_dir": str(out / "runs" / f"{n}-seed{s}")}
             for n in names for s in range(args.seeds)]
-    runs, failed = [], []
-    if args.reuse:  # finished runs stay as they are
-        done = [j for j in jobs if (Path(j["run_dir"]) / "summary.json").is_file()]
-        runs = [read_run(Path(j["run_dir"])) for j in done]
-        jobs = [j for j in jobs if j not in done]
-        print(f"reusing {len(done)} finished runs, running {len(jobs)}", flush=True)
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(args.workers, maxtasksperchild=8) as pool:
-        for res in pool.imap_unordered(_job, jobs):
-            if "error" in res:
-                failed.append(res)
-                print(f"{res['name']} seed {res['seed']}: FAILED: {res['error']}", flush=True)
-                continue
-            runs.append(read_run(Path(out / "runs" / f"{res['name']}-seed{res['seed']}")))
-            print(f"{res['name']} seed {res['seed']}: {res['last_acc']:.2f}% ({res['time_s']:.0f} s)", flush=True)
+    runs, failed = _run_jobs(_job, jobs, args.workers, reuse=args.reuse)
 
     buf = io.StringIO()
     with redirect_stdout(buf):

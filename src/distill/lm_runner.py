@@ -49,7 +49,7 @@ from distill.generations import generate
 from distill.integrations import hf as HF
 from distill.integrations import require
 from distill.locks import RunLock
-from distill.methods.base import create_method
+from distill.methods.base import method_info
 from distill.recipes import (
     RecipeError,
     _Strict,
@@ -249,11 +249,7 @@ def build_data(recipe: LMRecipe, teacher: torch.nn.Module, tokenizer: Any, folde
 # --------------------------------------------------------------------------------------------- rows
 
 def _reads_teacher(losses: dict[str, Any]) -> bool:
-    for name, spec in losses.items():
-        args = dict(spec) if isinstance(spec, dict) else {"weight": float(spec)}
-        if create_method(name, **args).needs_teacher:
-            return True
-    return False
+    return any(method_info(name).cls.needs_teacher for name in losses)
 
 
 def evaluate_student(student: torch.nn.Module, teacher: torch.nn.Module, data: LMData, batch_size: int

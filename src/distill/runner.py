@@ -175,6 +175,24 @@ def ls_notes(metadata: dict[str, Any] | None, losses: dict[str, dict[str, Any]])
     return []
 
 
+def _teachers_trained_here(recipe: Recipe, base: Path) -> list[tuple[int, ModelSpec, Path, Path, dict[str, Any],
+                                                                        Any]]:
+    """The teachers the run trains itself (the members without a checkpoint), each as ``(index, spec,
+    folder, its teacher_spec.json, the recipe's fingerprint for it, the fingerprint saved in that file
+    or None)``; read when called (a folder may have been cleared since)."""
+    members = recipe.teacher.members() if recipe.teacher is not None else []
+    found = []
+    for i, spec in enumerate(members):
+        if spec.checkpoint is not None:
+            continue
+        tdir = base / (f"teacher{i}" if len(members) > 1 else "teacher")
+        spec_file = tdir / "teacher_spec.json"
+        saved = read_json(spec_file, "teacher spec", remedy="delete it to retrain the teacher") \
+            if spec_file.is_file() else None
+        found.append((i, spec, tdir, spec_file, teacher_fingerprint(recipe, i), saved))
+    return found
+
+
 def run_recipe(recipe: Recipe, *, out_dir: str | Path | None = None, progress: bool = True,
                resume: bool = False, seeds: list[int] | None = None, cache_only: bool = False,
                overwrite: bool = False) -> list[Path]:
@@ -288,14 +306,8 @@ def _run_recipe(recipe: Recipe, *, base: Path, progress: bool, resume: bool, see
     if recipe.teacher is not None:
         t = recipe.teacher
         teacher_data = build_data(recipe.data.model_copy(update={"train_subset": t.train_subset}), seed=seeds[0])
-        for i, spec in enumerate(members):
-            if spec.checkpoint is not None:
-                continue
-            tdir = base / (f"teacher{i}" if len(members) > 1 else "teacher")
-            fingerprint = teacher_fingerprint(recipe, i)
-            spec_file = tdir / "teacher_spec.json"
-            if (tdir / MODEL_FILE).is_file() and spec_file.is_file() and \
-                    read_json(spec_file, "teacher spec", remedy="delete it to retrain the teacher") == fingerprint:
+        for i, spec, tdir, spec_file, fingerprint, saved in _teachers_trained_here(recipe, base):
+            if (tdir / MODEL_FILE).is_file() and saved == fingerprint:
                 teacher_models[i], member_metadata[i] = load_model(tdir / MODEL_FILE, teacher_models[i])
                 console.print(f"[dim]reusing the trained teacher in {tdir}[/dim]")
                 continue
@@ -518,15 +530,8 @@ def _check_folders(recipe: Recipe, losses: dict[str, dict[str, Any]], base: Path
                                   "ended before its first checkpoint, or the file was removed); pass --overwrite "
                                   "to replace them")
     # the teachers trained in the run: reused when their settings match, else retrained from nothing
-    members = recipe.teacher.members() if recipe.kind == "distill" and recipe.teacher is not None else []
-    for i, spec in enumerate(members):
-        if spec.checkpoint is not None:
-            continue
-        tdir = base / (f"teacher{i}" if len(members) > 1 else "teacher")
-        now = teacher_fingerprint(recipe, i)
-        spec_file = tdir / "teacher_spec.json"
-        saved = read_json(spec_file, "teacher spec", remedy="delete it to retrain the teacher") \
-            if spec_file.is_file() else None
+    trained_here = _teachers_trained_here(recipe, base) if recipe.kind == "distill" else []
+    for i, _, tdir, _, now, saved in trained_here:
         finished = (tdir / MODEL_FILE).is_file()
         if (finished and saved == now) or not has_results(tdir):
             continue  # reused as it is, or trained afresh in an empty folder

@@ -379,29 +379,46 @@ class _StudentBins(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z: Tensor, indices: Tensor) -> Tensor:  # noqa: D102
-        m = z.max(-1, keepdim=True).values
-        e = (z - m).exp_()
-        total = e.sum(-1, keepdim=True)
-        e.scatter_(-1, indices, 0.0)
-        tail = e.sum(-1, keepdim=True)
-        del e
-        log_total = total.log()
-        # the k tokens from the logits themselves: a token far below the top keeps a finite log-prob
-        log_top = z.gather(-1, indices) - m - log_total
-        bins = torch.cat([log_top, tail.log() - log_total], dim=-1)
+        _, m, total, tail, log_top, bins = _bins_forward(z, indices)
         ctx.save_for_backward(z, indices, m, total, tail, log_top)
         return bins
 
     @staticmethod
     def backward(ctx, g: Tensor) -> tuple[Tensor, None]:  # noqa: D102
         z, indices, m, total, tail, log_top = ctx.saved_tensors
-        g_top, g_tail = g[..., :-1], g[..., -1:]
-        G = g.sum(-1, keepdim=True)
-        safe_tail = torch.where(tail > 0, tail, torch.ones_like(tail))
-        per_row = torch.where(tail > 0, g_tail / safe_tail, torch.zeros_like(tail)) - G / total
-        grad = (z - m).exp_().mul_(per_row)  # every token as if in the tail ...
-        grad.scatter_(-1, indices, g_top - G * log_top.exp())  # ... then the k tokens' own gradient
-        return grad, None
+        return _bins_backward((z - m).exp_(), g, indices, total, tail, log_top), None
+
+
+def _bins_forward(z: Tensor, indices: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:class:`_StudentBins`'s forward pass over the ``(..., V)`` logits ``z``: ``(e, m, S, S_tail,
+    log q of the k tokens, the k + 1 bins)``, where ``e = exp(z − m)`` has the k tokens zeroed."""
+    m = z.max(-1, keepdim=True).values
+    e = (z - m).exp_()
+    total = e.sum(-1, keepdim=True)
+    e.scatter_(-1, indices, 0.0)
+    tail = e.sum(-1, keepdim=True)
+    log_total = total.log()
+    # the k tokens from the logits themselves: a token far below the top keeps a finite log-prob
+    log_top = z.gather(-1, indices) - m - log_total
+    return e, m, total, tail, log_top, torch.cat([log_top, tail.log() - log_total], dim=-1)
+
+
+def _bins_backward(e: Tensor, g: Tensor, indices: Tensor, total: Tensor, tail: Tensor, log_top: Tensor,
+                   ce_scale: Tensor | None = None) -> Tensor:
+    """The gradient with respect to the logits of the k + 1 bins (``g``: the bins' gradient), written
+    into ``e = exp(z − m)`` (its entries at ``indices`` may be anything: they are overwritten); with
+    ``ce_scale`` ``(..., 1)``, plus ``ce_scale · softmax(z)`` (cross-entropy's part, less its one-hot)."""
+    g_top, g_tail = g[..., :-1], g[..., -1:]
+    G = g.sum(-1, keepdim=True)
+    q_top = log_top.exp()
+    safe_tail = torch.where(tail > 0, tail, torch.ones_like(tail))
+    per_row = torch.where(tail > 0, g_tail / safe_tail, torch.zeros_like(tail)) - G / total
+    top = g_top - G * q_top
+    if ce_scale is not None:
+        per_row = per_row + ce_scale / total  # softmax(z) of the other tokens is e / S
+        top = top + ce_scale * q_top
+    grad = e.mul_(per_row)  # every token as if in the tail ...
+    return grad.scatter_(-1, indices, top)  # ... then the k tokens' own gradient
 
 
 def _student_bins(log_z: Tensor, indices: Tensor) -> Tensor:
@@ -553,16 +570,9 @@ def _topk_chunk(logits: Tensor, rows: Tensor | slice, weights: Tensor, teacher: 
     with torch.no_grad():
         z = fp32(logits)
         zt = z / T if T != 1.0 else z
-        m = zt.max(-1, keepdim=True).values
-        e = (zt - m).exp_()
-        total = e.sum(-1, keepdim=True)
-        e.scatter_(-1, idx, 0.0)
-        rest = e.sum(-1, keepdim=True)
+        e, m, total, rest, log_top, bins = _bins_forward(zt, idx)
         if idx.shape[-1] < z.shape[-1] and bool((rest == 0).any()):
             return None
-        log_total = total.log()
-        log_top = zt.gather(-1, idx) - m - log_total
-        bins = torch.cat([log_top, rest.log() - log_total], dim=-1)
         log_p = _collapse_teacher(_take(values, rows), None if tail is None else _take(tail, rows)).to(bins.dtype)
         w = weights.to(z.dtype)
     with torch.enable_grad():
@@ -571,24 +581,17 @@ def _topk_chunk(logits: Tensor, rows: Tensor | slice, weights: Tensor, teacher: 
         kd = (w * per).sum()
         g = torch.autograd.grad(kd, leaf)[0]
     with torch.no_grad():
-        g_top, g_tail = g[:, :-1], g[:, -1:]
-        G = g.sum(-1, keepdim=True)
-        on_rest = torch.where(rest > 0, g_tail / torch.where(rest > 0, rest, 1.0), 0.0) - G / total
-        q_top = log_top.exp()
-        top = g_top - G * q_top
         loss = kd.detach()
+        ce_scale = None
         if with_ce:
             y = _take(labels, rows)
             valid = y != IGNORE_INDEX
             safe = torch.where(valid, y, 0)[:, None]
-            nll = -(z.gather(-1, safe) - m - log_total).squeeze(-1) * valid
+            nll = -(z.gather(-1, safe) - m - total.log()).squeeze(-1) * valid
             loss = loss + ce_weight * (w * nll).sum()
             ce_scale = (ce_weight * w * valid)[:, None]
-            on_rest = on_rest + ce_scale / total  # softmax(z) of the other tokens is e / S
-            top = top + ce_scale * q_top
-        grad = e.mul_(on_rest)  # every token as if in the tail (the k tokens are overwritten next)
-        grad.scatter_(-1, idx, top)
-        if with_ce:
+        grad = _bins_backward(e, g, idx, total, rest, log_top, ce_scale)
+        if ce_scale is not None:
             grad.scatter_add_(-1, safe, -ce_scale)
         if T != 1.0:
             grad.div_(T)
