@@ -481,3 +481,15 @@ def test_codistillation_is_registered():
 if __name__ == "__main__":  # a torchrun worker: python -m torch.distributed.run ... test_distributed.py SCENARIO OUT
     torch.set_num_threads(1)
     _WORKERS[sys.argv[1]](Path(sys.argv[2]))
+
+
+def test_shutdown_destroys_the_group_and_is_a_no_op_without_one():
+    """The command line tears the group down when a command ends (not at interpreter exit, where
+    gloo aborted a rank now and then on a loaded machine); without a group nothing happens."""
+    import torch.distributed as dist
+
+    D.shutdown_distributed(wait=True)  # no group: nothing to do, nothing raised
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    D.shutdown_distributed(wait=True)
+    assert not dist.is_initialized()

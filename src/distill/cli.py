@@ -359,7 +359,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        if "torch.distributed" in sys.modules:
+            # under torchrun: tear the process group down now, every rank together, not at interpreter exit
+            from distill.train.distributed import shutdown_distributed
+
+            shutdown_distributed(wait=True)
+        return code
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/yellow]: the last epoch's checkpoint is kept; rerun with --resume")
         return 130

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -60,6 +61,7 @@ __all__ = [
     "convert_sync_batchnorm",
     "dist_info",
     "init_distributed",
+    "shutdown_distributed",
     "is_main_process",
     "main_process_first",
     "resolve_device",
@@ -125,8 +127,21 @@ def resolve_device(device: torch.device | str, info: DistInfo | None = None) -> 
 _created_group = False
 
 
-def _destroy_group() -> None:
+def shutdown_distributed(wait: bool = False) -> None:
+    """Destroy the default process group, when one is initialised; a no-op otherwise.
+
+    ``wait``: first wait for every rank (a command that ended normally on all of them). Never at
+    exit after an error: the other ranks may not come, and the barrier would hang.
+
+    Garbage is collected first: a DDP wrapper or a pending collective that outlives its group is
+    torn down during interpreter finalisation, where gloo can abort the process ("terminate called
+    without an active exception", seen on loaded 2-core machines). The command line calls this when
+    a command ends; ``init_distributed`` also registers it to run at exit.
+    """
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        if wait:  # no rank tears its connections down while another still uses them
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -156,7 +171,7 @@ def init_distributed(device: torch.device | str | None = None, backend: str | No
         torch.cuda.set_device(resolve_device(dev, info))
     dist.init_process_group(backend, rank=info.rank, world_size=info.world_size)
     if not _created_group:
-        atexit.register(_destroy_group)
+        atexit.register(shutdown_distributed)
         _created_group = True
     return dist_info()
 
