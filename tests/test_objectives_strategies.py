@@ -657,6 +657,14 @@ CHECKED = {
                          "test_data_distillation_student_minimises_ce_on_labels_and_ensembled_pseudo_labels",
     "co_training": "tests/test_transfer.py::test_each_view_classifier_minimises_cross_entropy_on_its_view",
     "gkd": "tests/test_gkd.py::test_gkd_minimises_beta_jsd_on_the_students_samples",
+    "multilingual_kd": "tests/test_lang_c.py::"
+                       "test_selective_kd_switches_distillation_off_once_the_student_passes_teacher_plus_threshold",
+    "bam": "tests/test_lang_c.py::test_bam_trains_with_lambda_zero_then_one_on_a_two_step_run",
+    "mtdnn_kd": "tests/test_lang_c.py::test_mtdnn_kd_uses_the_ensembles_mean_probabilities_and_gold_only_without_teacher",
+    "seq_kd": "tests/test_lang_b.py::test_sequence_kd_pairs_interpolation_on_fixed_beams",
+    "search_kd": "tests/test_lang_b.py::test_search_kd_loss_against_plain_reference",
+    "dark_knowledge": "tests/test_lang_a.py::test_dark_knowledge_regimes_use_the_right_targets",
+    "embedding_encoding": "tests/test_lang_a.py::test_fit_embedding_encoding_bakes_the_table_and_keeps_teacher_table",
 }
 
 

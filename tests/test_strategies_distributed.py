@@ -34,7 +34,10 @@ from test_distributed import DATA_ENV, _launch
 
 # a registered strategy not run here must say why
 NOT_RUN = {"codistillation": "one model per process by design: tests/test_distributed.py runs it under torchrun",
-           "gkd": "a causal LM on token batches, not a digits recipe (tests/test_gkd.py)"}
+           "gkd": "a causal LM on token batches, not a digits recipe (tests/test_gkd.py)",
+           # issue 12's language strategies: Python only (tests/test_strategy_recipes.py's PYTHON_ONLY says why)
+           **{name: "Python only, not a digits recipe" for name in (
+               "multilingual_kd", "bam", "mtdnn_kd", "dark_knowledge", "embedding_encoding", "seq_kd", "search_kd")}}
 RUN_KW = {"lr": 0.1, "momentum": 0.9, "schedule": "constant", "progress": False, "device": "cpu", "seed": 0}
 
 

@@ -43,6 +43,14 @@ NEEDS: dict[str, dict] = {
 PYTHON_ONLY = {
     "codistillation": "one model per process: it needs torchrun with 2+ processes (tests/test_distributed.py)",
     "gkd": "a causal LM on token batches, not a digits recipe (tests/test_gkd.py runs it through fit)",
+    # issue 12's language strategies take tasks, frame sequences, token tables or seq2seq models
+    "multilingual_kd": "several tasks, each with its teacher (tests/test_lang_c.py, examples/language/multitask.py)",
+    "bam": "several tasks, each with its teacher (tests/test_lang_c.py, examples/language/multitask.py)",
+    "mtdnn_kd": "several tasks, each with its teachers (tests/test_lang_c.py, examples/language/multitask.py)",
+    "dark_knowledge": "frame sequences (B, T, ·) labelled per frame (tests/test_lang_a.py, examples/language/frames.py)",
+    "embedding_encoding": "a teacher's word-embedding table (tests/test_lang_a.py, examples/language/word_embeddings.py)",
+    "seq_kd": "a seq2seq model and its tokenizer (tests/test_lang_b.py, examples/language/seq2seq_kd.py)",
+    "search_kd": "a seq2seq student exploring its own prefixes (tests/test_lang_b.py)",
 }
 
 

@@ -14,5 +14,8 @@ __all__: list[str] = []
 for _name in ["core"] + sorted(m.name for m in _pkgutil.iter_modules(__path__) if m.name != "core"):
     _module = _importlib.import_module(f"{__name__}.{_name}")
     for _public in getattr(_module, "__all__", ()):
+        if _public in __all__:  # a second module's name would silently replace the first's here
+            raise ImportError(f"distill.functional.{_name} exports {_public!r}, which another module of the "
+                              "package already exports: rename one")
         globals()[_public] = getattr(_module, _public)
         __all__.append(_public)

@@ -10,5 +10,7 @@ from distill.models.registry import UnknownModelError, create, create_model, lis
 from distill.models.small import CNN, MLP  # importing registers the built-in models
 from distill.models import cifar  # noqa: F401  (registers the CIFAR zoo)
 from distill.models import moonshine  # noqa: F401  (registers the Moonshine cheap-conv WRNs)
+from distill.models import sequence  # noqa: F401  (registers the frame and text models)
+from distill.models import bilstm  # noqa: F401  (registers Tang et al.'s BiLSTM student)
 
 __all__ = ["CNN", "MLP", "UnknownModelError", "create", "create_model", "list_models", "register_model"]
