@@ -152,7 +152,7 @@ def test_teaching_attention_zero_at_agreement_and_nonnegative(seed):
     m = TeachingAttention(generation=1.0, attention=1.0)
     same = m({"logits": s, "cross_attentions.-1": sa}, {"logits": s.detach(), "cross_attentions.-1": sa.detach()},
              batch)
-    assert abs(float(same)) < 1e-9
+    assert abs(float(same.detach())) < 1e-9
     same.backward()  # the norm's gradient at 0 is defined (no nan)
     assert bool(torch.isfinite(sa.grad).all())
     assert float(m({"logits": s, "cross_attentions.-1": sa}, {"logits": t, "cross_attentions.-1": ta}, batch)) > 0
