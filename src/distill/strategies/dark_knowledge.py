@@ -74,9 +74,10 @@ def fit_dark_knowledge(
         run_dir: stage ``k`` writes to ``run_dir/stageK``.
         **fit_kwargs: passed to every :func:`distill.fit` call (optimizer, lr, schedule...).
 
-    Evaluation is per frame (:func:`~distill.data.frames.frame_accuracy`) after each stage, since
-    ``fit``'s per-sample evaluation does not read ``(B, T, K)`` logits; ``fit`` itself runs without
-    a validation loader.
+    Evaluation is per frame (:func:`~distill.data.frames.frame_accuracy`) after each stage, on the
+    test frames the strategy is given; ``fit`` itself runs without a validation loader (its
+    evaluation also counts each labelled frame of ``(B, T, K)`` logits as one sample, for users who
+    call ``fit`` on frame tasks directly).
     """
     epochs = _check_epochs(epochs)
     if regime not in REGIMES:

@@ -23,6 +23,9 @@ def evaluate(distiller: Any, loader: Iterable[Any], device: torch.device | str |
     The student is evaluated through ``distiller.predictor()``: the student itself, or the model
     a method says predicts (SimKD's student trunk → projector → teacher classifier).
 
+    Per-frame logits ``(B, T, K)`` with labels ``(B, T)`` (frame labelling; -100: no label) count
+    each labelled frame as one sample. Token batches (language models) are evaluated per token.
+
     Returns a dict with ``student_acc`` (top-1, %), and with a teacher ``teacher_acc`` (%),
     ``agreement`` (% of samples where the argmaxes agree) and ``kl_to_teacher``
     (mean over samples of KL(p_teacher ‖ p_student) at temperature 1, in nats).
@@ -49,10 +52,13 @@ def evaluate(distiller: Any, loader: Iterable[Any], device: torch.device | str |
             if device is not None:
                 batch = batch.to(device)
             s_logits = logits_of(student(batch.inputs)).float()
+            keep = _labelled_frames(s_logits, batch.targets)
+            targets = batch.targets if keep is None else batch.targets[keep] if batch.targets is not None else None
+            s_logits = s_logits if keep is None else s_logits[keep]
             n += s_logits.shape[0]
             s_pred = s_logits.argmax(1)
-            if batch.targets is not None:
-                correct_s += int((s_pred == batch.targets).sum())
+            if targets is not None:
+                correct_s += int((s_pred == targets).sum())
             if teacher is not None:
                 if teacher_cache is not None and i < len(teacher_cache):
                     t_logits = teacher_cache[i]
@@ -60,9 +66,10 @@ def evaluate(distiller: Any, loader: Iterable[Any], device: torch.device | str |
                     t_logits = teacher(batch)["logits"].float()
                     if teacher_cache is not None:
                         teacher_cache.append(t_logits)
+                t_logits = t_logits if keep is None else t_logits[keep]
                 t_pred = t_logits.argmax(1)
-                if batch.targets is not None:
-                    correct_t += int((t_pred == batch.targets).sum())
+                if targets is not None:
+                    correct_t += int((t_pred == targets).sum())
                 agree += int((t_pred == s_pred).sum())
                 kl_sum += float(F.kl_div(F.log_softmax(s_logits, 1), F.log_softmax(t_logits, 1),
                                          reduction="sum", log_target=True))
@@ -75,6 +82,20 @@ def evaluate(distiller: Any, loader: Iterable[Any], device: torch.device | str |
     if teacher is not None:
         out.update(teacher_acc=100.0 * correct_t / n, agreement=100.0 * agree / n, kl_to_teacher=kl_sum / n)
     return out
+
+
+def _labelled_frames(logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor | None:
+    """For per-frame logits ``(B, T, K)`` (sequence labelling: one label per frame), the frames that
+    count, ``(B, T)`` bool: labels ``(B, T)`` other than -100, or every frame without labels; each
+    counted frame is then one sample of the metrics. ``None`` for per-sample logits ``(B, K)``."""
+    if logits.dim() != 3:
+        return None
+    if targets is None:
+        return torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
+    if tuple(targets.shape) != tuple(logits.shape[:2]):
+        raise ValueError(f"per-frame logits {tuple(logits.shape)} need one label per frame, (B, T) = "
+                         f"{tuple(logits.shape[:2])} with -100 for frames without one; got labels {tuple(targets.shape)}")
+    return targets != -100
 
 
 class _TokenTotals:
