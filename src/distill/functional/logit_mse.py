@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distill.functional._precision import fp32
+from distill.functional.core import logit_regression_loss
 
 __all__ = ["logit_squared_error", "tang_loss", "teacher_filled_labels"]
 
@@ -31,8 +32,9 @@ def logit_squared_error(student_logits: Tensor, teacher_logits: Tensor, reductio
     if student_logits.dim() != 2 or student_logits.shape != teacher_logits.shape:
         raise ValueError(f"logit_squared_error needs (B, K) logits of one shape, got {tuple(student_logits.shape)} "
                          f"and {tuple(teacher_logits.shape)}")
-    sq = (fp32(student_logits) - fp32(teacher_logits)).pow(2)
-    return sq.sum(1).mean() if reduction == "sum" else sq.mean()
+    # Ba & Caruana's regression without its ½: the per-sample squared norm, averaged over the batch
+    per_sample = 2.0 * logit_regression_loss(fp32(student_logits), fp32(teacher_logits))
+    return per_sample if reduction == "sum" else per_sample / student_logits.shape[1]
 
 
 def teacher_filled_labels(targets: Tensor | None, teacher_logits: Tensor) -> Tensor:
