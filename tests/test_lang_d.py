@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _mnist import mnist_dir
 from hypothesis import given, settings, strategies as st
 
 from distill.batch import Batch
@@ -252,25 +253,13 @@ def _example(name: str):
     return mod
 
 
-def _mnist_dir():
-    """The project's shared MNIST (``../shared/data/mnist`` beside the repository, as CI lays it out), or
-    DISTILL_MNIST when set; None when neither exists."""
-    import os
-
-    for candidate in (os.environ.get("DISTILL_MNIST"), Path(__file__).resolve().parents[1].parent / "shared"
-                      / "data" / "mnist", Path("/work/shared/data/mnist")):
-        if candidate and Path(candidate).is_dir():
-            return Path(candidate)
-    return None
-
-
 def test_kd_vlp_example_quick(monkeypatch):
-    root = _mnist_dir()
+    root = mnist_dir()
     if root is None:
         pytest.skip("MNIST not found beside the repository (../shared/data/mnist) nor in DISTILL_MNIST")
     monkeypatch.setenv("DISTILL_MNIST", str(root))  # the example reads the default root, wherever pytest runs
     res = _example("kd_vlp").main(["--quick"])
-    for key in ("student, ITM only", "student + kd_vlp"):
+    for key in ("student, ITM + MLM", "student + kd_vlp"):
         assert 0.0 <= res[key]["itm_accuracy"] <= 1.0
     assert 0.0 <= res["student + kd_vlp"]["masked_object_accuracy"] <= 1.0
 

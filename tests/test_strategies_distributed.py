@@ -34,6 +34,8 @@ from test_distributed import DATA_ENV, _launch
 
 # a registered strategy not run here must say why
 NOT_RUN = {"codistillation": "one model per process by design: tests/test_distributed.py runs it under torchrun",
+           # issue 13 (S2b): single-process loops of their own (no fit, no DDP): tests/test_synth_s2b.py
+           **{name: "a data-free loop of its own, single process" for name in ("dfad", "rdskd", "fedftg", "deepinversion_kd", "adi_kd", "fast_dfkd")},
            "gkd": "a causal LM on token batches, not a digits recipe (tests/test_gkd.py)",
            # issue 12's language strategies: Python only (tests/test_strategy_recipes.py's PYTHON_ONLY says why)
            **{name: "Python only, not a digits recipe" for name in (

@@ -38,6 +38,20 @@ NEEDS: dict[str, dict] = {
     # trunk stem + stage1; branches stage2 + stage3, then a transposed conv up to the 10 maps at 8x8
     "okdhp": {"args": {"split": "stage1", "until": "stage3", "num_branches": 2}, "data": {"targets": "class_heatmaps"},
               "train": {"optimizer": "adam", "lr": 0.01}},
+    # issue 13 (S2b): data-free generator strategies on 8x8 digits with a small generator; FedFTG's clients
+    "dfad": {"teacher": True, "args": {"image_shape": [1, 8, 8], "batch_size": 16, "generator_width": 8,
+                                       "eval_every": 25}},
+    "rdskd": {"teacher": True, "args": {"image_shape": [1, 8, 8], "batch_size": 16, "generator_width": 8,
+                                        "generator_iterations": 5, "eval_every": 60},
+              "train": {"optimizer": "adam", "lr": 0.002, "weight_decay": 0.0}},
+    # issue 13 (S2a): the digits teacher's stem has a BatchNorm, which DeepInversion and Fast DFKD match
+    "deepinversion_kd": {"teacher": True, "args": {"ipc": 2, "batch_size": 16,
+                                                   "synth": {"iterations": 3}}},
+    "adi_kd": {"teacher": True, "args": {"rounds": 2, "ipc_per_round": 1,
+                                         "epochs_per_round": 1, "batch_size": 16, "synth": {"iterations": 2}}},
+    "fast_dfkd": {"teacher": True, "args": {"kd_steps": 2, "batch_size": 16}},
+    "fedftg": {"args": {"num_clients": 4, "active_fraction": 1.0, "local_epochs": 1, "local_batch_size": 16,
+                        "finetune_iterations": 2, "latent_dim": 8}, "train": {"weight_decay": 0.001}},
 }
 # strategies not run by this single-process test, each for a stated reason
 PYTHON_ONLY = {

@@ -1,4 +1,4 @@
-"""The ``distill`` command: demo, run, train, methods, compare, cache."""
+"""The ``distill`` command: demo, run, train, methods, strategies, synthesizers, synth, compare, cache."""
 
 from __future__ import annotations
 
@@ -95,6 +95,47 @@ def _cmd_strategies(args: argparse.Namespace) -> int:
                       soft_wrap=True)
         console.print(f"    defaults: {escape(', '.join(f'{k}={v!r}' for k, v in defaults(i.fn).items()))}",
                       soft_wrap=True)
+    return 0
+
+
+def _cmd_synthesizers(args: argparse.Namespace) -> int:
+    from rich.markup import escape
+
+    from distill.synthesis.registry import list_synthesizers
+
+    infos = list_synthesizers(args.family)
+    if args.json:
+        rows = [{"name": i.name, "family": i.family, "function": f"{i.fn.__module__}.{i.fn.__name__}",
+                 "title": i.paper.title, "authors": i.paper.authors, "year": i.paper.year, "arxiv": i.paper.arxiv,
+                 "venue": i.paper.venue, "summary": i.summary, "defaults": i.defaults} for i in infos]
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    console.print(f"[bold]{len(infos)} synthesizers[/bold]  (in a recipe: kind: synth, synthesizer: "
+                  "{name: NAME, args: {...}}; run with 'distill synth RECIPE')")
+    for i in infos:
+        where = f"arXiv {i.paper.arxiv}" if i.paper.arxiv else (i.paper.venue or "–")
+        console.print(f"[bold]{i.name}[/bold]  ({i.family}, {i.paper.year}, {where})  {escape(i.paper.title)}",
+                      soft_wrap=True)
+        console.print(f"    {escape(i.paper.authors)}; Python: {i.fn.__module__}.{i.fn.__name__}", soft_wrap=True)
+        console.print(f"    defaults: {escape(', '.join(f'{k}={v!r}' for k, v in i.defaults.items()))}",
+                      soft_wrap=True)
+    return 0
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from distill.recipes import load_synth_recipe
+    from distill.runner import run_synth_recipe
+
+    recipe = load_synth_recipe(args.recipe)
+    folder = run_synth_recipe(recipe, out_dir=args.out, progress=not args.no_progress, overwrite=args.overwrite)
+    report = json.loads((folder / "report.json").read_text())
+    ev = report.get("evaluation")
+    result = (f"{ev['settings']['model']} trained on it: {ev['mean']:.2f} ± {ev['std']:.2f}% over "
+              f"{len(ev['accuracies'])} evaluations" if ev else "not evaluated")
+    console.print(f"{report['synthesizer']}: {report['count']} images ({report['ipc']} per class) in "
+                  f"{report['synth_time_s']:.1f} s; {result}", highlight=False)
+    console.print(f"synthetic set: {folder} (synthetic.safetensors, manifest.json, report.json, grid.png); train on "
+                  f"it with data: {{name: synthetic, root: {folder}}}", highlight=False)
     return 0
 
 
@@ -308,9 +349,22 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=_cmd_methods)
 
     st = sub.add_parser("strategies", help="list every training strategy: family, paper, defaults")
-    st.add_argument("--family", default=None, help="online, self, chain or ensemble")
+    st.add_argument("--family", default=None, help="e.g. online, self, chain, ensemble, data-free")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(func=_cmd_strategies)
+
+    sy = sub.add_parser("synthesizers", help="list every synthesizer (data-free and dataset distillation): "
+                                             "family, paper, defaults")
+    sy.add_argument("--family", default=None, choices=["dataset", "data-free"])
+    sy.add_argument("--json", action="store_true", help="machine-readable output")
+    sy.set_defaults(func=_cmd_synthesizers)
+
+    sr = sub.add_parser("synth", help="make a synthetic data set from a recipe (kind: synth), evaluate it, save it")
+    sr.add_argument("recipe", help="path of a YAML recipe of kind 'synth'")
+    sr.add_argument("--out", default=None, help="output parent folder (default: the recipe's output_dir)")
+    sr.add_argument("--overwrite", action="store_true", help="replace a synthetic set already in the folder")
+    sr.add_argument("--no-progress", action="store_true")
+    sr.set_defaults(func=_cmd_synth)
 
     cache = sub.add_parser("cache", help="teacher-output caches: build one from a recipe, inspect one")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)

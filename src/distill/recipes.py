@@ -78,7 +78,8 @@ class AugmentSpec(_Strict):
 
 
 class DataSpec(_Strict):
-    name: Literal["digits", "mnist", "fashion_mnist", "cifar10", "cifar100"] = "digits"
+    # "synthetic": a set written by SyntheticSet.save / 'distill synth' (root: its folder)
+    name: Literal["digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "synthetic"] = "digits"
     root: str | None = None
     batch_size: int = Field(64, gt=0)
     eval_batch_size: int = Field(512, gt=0)
@@ -88,6 +89,12 @@ class DataSpec(_Strict):
     # what batches carry as targets: class labels, or the pose-style maps of distill.data.dense.class_heatmaps
     targets: Literal["labels", "class_heatmaps"] = "labels"
     heatmap_sigma: float = Field(1.0, gt=0, description="σ (pixels) of the class_heatmaps Gaussians (else unused)")
+
+    @model_validator(mode="after")
+    def _synthetic_root(self) -> DataSpec:
+        if self.name == "synthetic" and self.root is None:
+            raise ValueError("data 'synthetic' needs root: the folder of a synthetic set (written by 'distill synth')")
+        return self
 
     @model_validator(mode="after")
     def _dense_targets(self) -> DataSpec:
@@ -260,6 +267,14 @@ def validate_strategy_args(spec: StrategySpec) -> None:
 
 
 
+def _plain_folder_name(v: str) -> str:
+    # the run folder is OUTPUT_DIR/NAME: a name with a path in it would write outside output_dir
+    if not v or v in (".", "..") or any(c in v for c in "/\\\0") or v != v.strip():
+        raise ValueError(f"name {v!r} must be a plain folder name (no '/', '\\', '..', surrounding spaces): "
+                         "runs are written to OUTPUT_DIR/NAME")
+    return v
+
+
 class Recipe(_Strict):
     """A whole run. ``kind: train`` trains ``student`` alone (e.g. a teacher) with ``losses``."""
 
@@ -278,11 +293,7 @@ class Recipe(_Strict):
     @field_validator("name")
     @classmethod
     def _folder_name(cls, v: str) -> str:
-        # the run folder is OUTPUT_DIR/NAME: a name with a path in it would write outside output_dir
-        if not v or v in (".", "..") or any(c in v for c in "/\\\0") or v != v.strip():
-            raise ValueError(f"name {v!r} must be a plain folder name (no '/', '\\', '..', surrounding spaces): "
-                             "runs are written to OUTPUT_DIR/NAME")
-        return v
+        return _plain_folder_name(v)
 
     @field_validator("seeds")
     @classmethod
@@ -440,6 +451,8 @@ def validate_schema(schema: type[M], data: Any, source: str = "recipe") -> M:
 
 def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
     """Validate a recipe mapping; raises :class:`RecipeError` listing every bad key."""
+    if isinstance(data, dict) and data.get("kind") == "synth":
+        raise RecipeError(f"{source} is a synthesis recipe (kind: synth): run it with 'distill synth'")
     recipe = validate_schema(Recipe, data, source)
     try:
         validate_losses(recipe.losses)
@@ -464,3 +477,178 @@ def read_recipe_file(path: str | Path) -> Any:
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a YAML recipe file."""
     return parse_recipe(read_recipe_file(path), str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# kind: synth — a synthetic data set (distill synth RECIPE)
+# ---------------------------------------------------------------------------------------------
+
+
+class SynthDataSpec(_Strict):
+    """The real data set of a synth recipe: what a "dataset" synthesizer condenses (its train
+    split, or its first ``train_subset`` samples); for both families, the test split that
+    evaluates the set and the normalisation the set is stored in."""
+
+    name: Literal["digits", "mnist", "fashion_mnist", "cifar10", "cifar100"]
+    root: str | None = None
+    train_subset: int | None = Field(None, gt=0, description="condense only the first N training samples")
+
+
+class SynthEvaluateSpec(_Strict):
+    """The evaluation of a synthetic set (:func:`distill.synthesis.evaluate.evaluate_synthetic`):
+    ``evaluations`` fresh ``model`` s trained on it (DC's protocol), tested on the real test split."""
+
+    evaluations: int = Field(5, gt=0)
+    epochs: int = Field(300, gt=0)
+    lr: float = Field(0.01, gt=0)
+    lr_decay: float = Field(0.1, gt=0, le=1)
+    batch_size: int = Field(256, gt=0)
+    dsa: bool = True
+    model: ModelSpec = Field(default_factory=lambda: ModelSpec(name="convnet3"))
+    seed: int = Field(0, ge=0)
+
+    @field_validator("model")
+    @classmethod
+    def _no_checkpoint(cls, v: ModelSpec) -> ModelSpec:
+        if v.checkpoint is not None:
+            raise ValueError("the evaluation trains fresh models: remove 'checkpoint'")
+        return v
+
+
+class SynthesizerSpec(_Strict):
+    """A registered synthesizer (``distill synthesizers``) and its own keyword arguments."""
+
+    name: str
+    args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from distill.synthesis.registry import synthesizer_info
+
+        try:
+            synthesizer_info(v)
+        except KeyError as e:
+            raise ValueError(e.args[0]) from None
+        return v
+
+
+class SynthRecipe(_Strict):
+    """``kind: synth``: make a synthetic set with a registered synthesizer, evaluate it, save it.
+
+    A "dataset" synthesizer needs ``data`` (the real set it condenses); a "data-free" one needs
+    ``teacher`` (a zoo model with its ``checkpoint``), and ``data`` only for the evaluation and
+    the normalisation (its training images are never given to the synthesizer), else
+    ``num_classes`` and ``image_shape``. The set goes to ``OUTPUT_DIR/NAME``.
+    """
+
+    name: str
+    kind: Literal["synth"]
+    synthesizer: SynthesizerSpec
+    ipc: int = Field(gt=0, description="images per class")
+    data: SynthDataSpec | None = None
+    teacher: ModelSpec | None = None
+    num_classes: int | None = Field(None, gt=0)
+    image_shape: tuple[int, int, int] | None = None
+    seed: int = Field(0, ge=0)
+    evaluate: SynthEvaluateSpec | None = Field(default_factory=SynthEvaluateSpec)
+    device: str | None = None
+    output_dir: str = "runs/synth"
+
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, v: str) -> str:
+        return _plain_folder_name(v)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str | None) -> str | None:
+        from distill.teachers import parse_device
+
+        if v is not None:
+            parse_device(v, "device")
+        return v
+
+    @model_validator(mode="after")
+    def _family(self) -> SynthRecipe:
+        from distill.synthesis.registry import synthesizer_info
+
+        family = synthesizer_info(self.synthesizer.name).family
+        who = f"synthesizer {self.synthesizer.name!r} ({family})"
+        if family == "dataset":
+            if self.data is None:
+                raise ValueError(f"{who} condenses a real data set: give 'data'")
+            if self.teacher is not None:
+                raise ValueError(f"{who} takes no teacher: remove 'teacher'")
+        else:
+            if self.teacher is None or self.teacher.checkpoint is None:
+                raise ValueError(f"{who} needs 'teacher' with a 'checkpoint' (its trained weights)")
+            if self.data is None and (self.num_classes is None or self.image_shape is None):
+                raise ValueError(f"{who} without 'data' needs 'num_classes' and 'image_shape' (C, H, W)")
+            if self.data is not None and self.data.train_subset is not None:
+                raise ValueError(f"{who} never reads training images: remove 'data.train_subset'")
+        if self.evaluate is not None and self.data is None:
+            raise ValueError("'evaluate' tests on the real test split: give 'data', or set 'evaluate: null'")
+        return self
+
+
+def validate_synthesizer_args(spec: SynthesizerSpec) -> dict[str, Any]:
+    """Every ``args`` key must be a keyword of the synthesizer (not one the recipe fills in), with a
+    value of the annotated type; an argument without a default must be given. Returns the args."""
+    from distill.synthesis.registry import RESERVED, synthesizer_info
+
+    info = synthesizer_info(spec.name)
+    fn = info.fn
+    own = info.hyperparameters()
+    params = inspect.signature(fn).parameters
+    errors: list[str] = []
+    for key in spec.args:
+        if key in RESERVED[info.family]:
+            errors.append(f"  synthesizer.args.{key}: set by the recipe (ipc, seed, data or teacher), not in args")
+        elif key not in own:
+            errors.append(f"  synthesizer.args.{key}: unknown argument of synthesizer {spec.name!r}; it takes {own}")
+    for name in own:
+        if params[name].default is inspect.Parameter.empty and name not in spec.args:
+            errors.append(f"  synthesizer.args.{name}: required by synthesizer {spec.name!r}")
+    if errors:
+        raise RecipeError("invalid synthesizer:\n" + "\n".join(errors))
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # unresolvable annotations: names only
+        hints = {}
+    fields = {n: (hints.get(n, Any), ...) for n in spec.args}
+    try:
+        model = create_model(f"{spec.name}_args", __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=True),
+                             **fields)
+    except Exception:  # an annotation pydantic cannot express: the names were checked above
+        return dict(spec.args)
+    try:
+        model.model_validate(spec.args)
+    except ValidationError as e:
+        raise RecipeError("invalid synthesizer:\n" + "\n".join(_format(e, "synthesizer.args."))) from None
+    return dict(spec.args)
+
+
+def parse_synth_recipe(data: dict[str, Any], source: str = "recipe") -> SynthRecipe:
+    """Validate a ``kind: synth`` recipe mapping; :class:`RecipeError` lists every bad key."""
+    recipe = validate_schema(SynthRecipe, data, source)
+    try:
+        validate_synthesizer_args(recipe.synthesizer)
+    except RecipeError as e:
+        raise RecipeError(f"{source}: {e}") from None
+    return recipe
+
+
+def is_synth_recipe(data: Any) -> bool:
+    """Whether a parsed recipe mapping is ``kind: synth``."""
+    return isinstance(data, dict) and data.get("kind") == "synth"
+
+
+def load_synth_recipe(path: str | Path) -> SynthRecipe:
+    """Read and validate a ``kind: synth`` YAML recipe file."""
+    data = read_recipe_file(path)
+    if not is_synth_recipe(data):
+        kind = data.get("kind", "distill") if isinstance(data, dict) else None
+        raise RecipeError(f"{path}: 'distill synth' runs recipes of kind 'synth'; this one is kind {kind!r} "
+                          "(run it with 'distill run')")
+    return parse_synth_recipe(data, str(path))

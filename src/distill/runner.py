@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import time
 from contextlib import nullcontext
@@ -15,7 +16,7 @@ from rich.console import Console
 from torch import nn
 
 from distill.files import atomic_write_json, atomic_write_text, read_json
-from distill.recipes import DataSpec, ModelSpec, Recipe, TrainSpec, validate_losses
+from distill.recipes import DataSpec, ModelSpec, Recipe, SynthRecipe, TrainSpec, validate_losses
 from distill.locks import RunLock
 from distill.train.distributed import barrier, is_main_process, main_process_first
 from distill.train.rundir import (
@@ -404,6 +405,11 @@ def _run_strategy(recipe: Recipe, seed: int, run_dir: Path, info: dict[str, Any]
             kwargs["unlabeled_loader"] = InMemoryLoader(x[n:], None, **loader_args)
         else:
             kwargs["unlabeled"] = x[n:]
+    # a data-free strategy is told the task's class count and image shape, never its images
+    if "num_classes" in params and "num_classes" not in kwargs:
+        kwargs["num_classes"] = info["num_classes"]
+    if "image_shape" in params and "image_shape" not in kwargs and hasattr(train_loader, "inputs"):
+        kwargs["image_shape"] = tuple(train_loader.inputs.shape[1:])
     if teacher is not None:
         if "teacher" not in params:
             raise RecipeError(f"strategy {spec.name!r} takes no teacher: remove the recipe's 'teacher'")
@@ -428,7 +434,9 @@ def _run_strategy(recipe: Recipe, seed: int, run_dir: Path, info: dict[str, Any]
         "strategy_args": spec.args, "losses": {}, "seed": seed, "epochs": epochs, "last_acc": result.last_acc,
         "best_acc": result.best_acc, "best_epoch": result.best_epoch,
         "time_s": _strategy_time(result, t0),
-        "teacher_acc": last.get("val_teacher_acc"), "agreement": last.get("val_agreement"),
+        # fit's history prefixes its validation keys with "val_"; a loop of its own (data-free) may not
+        "teacher_acc": last.get("val_teacher_acc", last.get("teacher_acc")),
+        "agreement": last.get("val_agreement", last.get("agreement")),
         "data": info, "notes": [],
         # a cohort's validation score (its accuracy, or the heatmap MSE of a dense strategy, which has no accuracy)
         **{k: getattr(result, k) for k in ("best_score", "last_score") if getattr(result, k, None) is not None},
@@ -730,3 +738,81 @@ def recipe_cached_teacher(recipe: Recipe, losses: dict[str, dict[str, Any]], tea
                               f"at T={cached.cache.temperature:g}, but the losses use T={sorted(set(off))}")
     cached.prepare_loader(loader)
     return cached
+
+
+# ----------------------------------------------------------------------------------- kind: synth
+
+
+def run_synth_recipe(recipe: SynthRecipe, *, out_dir: str | Path | None = None, progress: bool = True,
+                     overwrite: bool = False) -> Path:
+    """Make, evaluate and save the synthetic set of a ``kind: synth`` recipe; returns its folder.
+
+    The folder ``OUT/NAME`` (``OUT``: ``out_dir`` or the recipe's ``output_dir``) receives
+    ``synthetic.safetensors`` + ``manifest.json`` (:meth:`~distill.data.synthetic.SyntheticSet.save`),
+    ``report.json`` (the synthesizer, its paper, the times and the evaluation: every accuracy,
+    mean ± std) and ``grid.png`` (one row per class). A folder that already holds files is refused
+    before any work unless ``overwrite``.
+    """
+    from distill.data import get_dataset
+    from distill.recipes import validate_synthesizer_args
+    from distill.synthesis.evaluate import evaluate_synthetic
+    from distill.synthesis.grid import save_class_grid
+    from distill.synthesis.registry import synthesizer_info, teacher_fingerprint
+    from distill.teachers import require_device
+
+    folder = Path(out_dir or recipe.output_dir) / recipe.name
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
+        raise FileExistsError(f"{str(folder)!r} already holds files; pass --overwrite to replace the synthetic set")
+    args = validate_synthesizer_args(recipe.synthesizer)
+    info = synthesizer_info(recipe.synthesizer.name)
+    device = torch.device(recipe.device) if recipe.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    require_device(device, "device")
+    if "device" in inspect.signature(info.fn).parameters and "device" not in args:
+        args["device"] = str(device)
+    spec = recipe.data
+    test = get_dataset(spec.name, spec.root, split="test") if spec is not None else None
+    manifest: dict[str, Any] = {"recipe": recipe.model_dump(mode="json")}
+    if spec is not None:
+        manifest["source"] = {"dataset": spec.name, "root": spec.root, "options": {}}
+        manifest["normalization"] = {"mean": list(test.mean), "std": list(test.std)}
+    t0 = time.perf_counter()
+    if info.family == "dataset":
+        train = get_dataset(spec.name, spec.root, split="train")
+        x, y = train.inputs, train.targets
+        if spec.train_subset is not None:
+            x, y = x[: spec.train_subset], y[: spec.train_subset]
+        synthetic = info.fn(x, y, ipc=recipe.ipc, num_classes=train.num_classes, seed=recipe.seed,
+                            progress=progress, **args)
+    else:
+        num_classes = recipe.num_classes or test.num_classes
+        shape = tuple(recipe.image_shape) if recipe.image_shape else tuple(int(s) for s in test.inputs.shape[1:])
+        teacher = build_model(recipe.teacher, num_classes, shape[0])
+        from distill.train.checkpoint import load_model
+
+        teacher, _ = load_model(recipe.teacher.checkpoint, teacher)
+        teacher = teacher.to(device).eval()
+        manifest["teacher"] = {"fingerprint": teacher_fingerprint(teacher), "name": recipe.teacher.name,
+                               "kwargs": recipe.teacher.kwargs, "checkpoint": recipe.teacher.checkpoint}
+        synthetic = info.fn(teacher, ipc=recipe.ipc, num_classes=num_classes, image_shape=shape, seed=recipe.seed,
+                            progress=progress, **args)
+    synth_time = time.perf_counter() - t0
+    synthetic.manifest = {**synthetic.manifest, **manifest, "method": info.name, "family": info.family,
+                          "paper": info.paper.cite(), "synth_time_s": synth_time}
+    evaluation = None
+    if recipe.evaluate is not None:
+        e = recipe.evaluate
+        evaluation = evaluate_synthetic(synthetic, (test.inputs, test.targets), model=e.model.name,
+                                        model_kwargs=e.model.kwargs, evaluations=e.evaluations, epochs=e.epochs,
+                                        lr=e.lr, lr_decay=e.lr_decay, batch_size=e.batch_size, dsa=e.dsa,
+                                        seed=e.seed, progress=progress, device=device).as_dict()
+    synthetic.save(folder, overwrite=overwrite)
+    report = {"name": recipe.name, "synthesizer": info.name, "family": info.family, "paper": info.paper.cite(),
+              "ipc": recipe.ipc, "count": len(synthetic), "num_classes": synthetic.num_classes,
+              "synth_time_s": synth_time, "evaluation": evaluation}
+    atomic_write_json(folder / "report.json", report)
+    mean, std = synthetic.normalization
+    title = f"{info.name}, {recipe.ipc} per class" + (
+        f": {evaluation['mean']:.2f} ± {evaluation['std']:.2f}%" if evaluation else "")
+    save_class_grid(folder / "grid.png", synthetic.images, synthetic.labels, synthetic.num_classes,
+                    per_class=min(recipe.ipc, 10), mean=mean, std=std, title=title)
+    return folder

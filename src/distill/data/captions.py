@@ -14,10 +14,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["CAPTION_VOCAB", "DigitCanvases", "caption_ids", "digit_canvases", "negative_labels"]
+__all__ = ["CAPTION_VOCAB", "MASK_ID", "DigitCanvases", "caption_ids", "digit_canvases", "digit_positions",
+           "negative_labels"]
 
-CAPTION_VOCAB: tuple[str, ...] = ("[PAD]", "[CLS]", "a", "left", "of", *[str(d) for d in range(10)])
+CAPTION_VOCAB: tuple[str, ...] = ("[PAD]", "[CLS]", "a", "left", "of", *[str(d) for d in range(10)], "[MASK]")
 _INDEX = {w: i for i, w in enumerate(CAPTION_VOCAB)}
+MASK_ID: int = _INDEX["[MASK]"]  # the masked-language-modelling token (never in a generated caption)
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,12 @@ def caption_ids(labels: Tensor) -> Tensor:
             words += (["left", "of"] if j else []) + ["a", str(d)]
         rows.append([_INDEX[w] for w in words])
     return torch.tensor(rows, dtype=torch.long)
+
+
+def digit_positions(k: int | Tensor) -> int | Tensor:
+    """The caption position of digit ``k`` (an int or a tensor of ints) in :func:`caption_ids`' rows:
+    ``[CLS] a d1 left of a d2 ...`` puts digit ``k`` at ``2 + 4k``."""
+    return 2 + 4 * k
 
 
 def negative_labels(labels: Tensor, seed: int = 0) -> Tensor:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Seq2SeqLoader", "byte_tokenizer", "encode_seq2seq", "first_sentence", "seq2seq_loader",
+__all__ = ["Seq2SeqLoader", "bpe_tokenizer", "byte_tokenizer", "encode_seq2seq", "first_sentence", "seq2seq_loader",
            "shift_right", "summary_pairs"]
 
 IGNORE_INDEX = -100
@@ -42,6 +42,39 @@ def byte_tokenizer(extra_ids: int = 0) -> Any:
 
     transformers = require("transformers", "llm", "a byte-level seq2seq tokenizer")
     return transformers.ByT5Tokenizer(extra_ids=extra_ids)
+
+
+def bpe_tokenizer(texts: Sequence[str], vocab_size: int = 1024) -> Any:
+    """A byte-level BPE tokenizer trained on ``texts`` here (Hugging Face ``tokenizers``, no download),
+    wrapped as a ``transformers.PreTrainedTokenizerFast`` with the ids of :func:`byte_tokenizer` and
+    :func:`distill.models.seq2seq.tiny_t5`: pad 0, eos 1 (appended by ``add_special_tokens=True``),
+    unk 2. Byte-level: every text encodes (no unknown token) and decodes back exactly; merges make
+    sequences about 3–4 times shorter than bytes on English prose, so tiny models see whole
+    sentences in few positions. Training is deterministic for the same texts and size.
+
+    Args:
+        texts: the training texts (e.g. the passages of the training split only).
+        vocab_size: the vocabulary, 3 special tokens and the 256 byte symbols included (≥ 260).
+    """
+    from distill.integrations import require
+
+    if isinstance(texts, str) or not isinstance(texts, Sequence) or not texts or not all(isinstance(t, str) for t in texts):
+        raise TypeError("bpe_tokenizer expects a non-empty list of strings")
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 260:
+        raise ValueError(f"bpe_tokenizer vocab_size must be an int >= 260 (3 special tokens + 256 bytes + merges); "
+                         f"got {vocab_size!r}")
+    transformers = require("transformers", "llm", "a BPE tokenizer")
+    tokenizers = require("tokenizers", "llm", "a BPE tokenizer")
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+                                             show_progress=False)
+    bpe.train_from_iterator(list(texts), trainer)
+    bpe.post_processor = tokenizers.processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="</s>",
+                                                unk_token="<unk>")
 
 
 def first_sentence(text: str) -> tuple[str, str]:

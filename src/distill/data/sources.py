@@ -340,7 +340,38 @@ _DATASETS: dict[str, _DatasetSpec] = {
 
 def list_datasets() -> list[str]:
     """Names :func:`get_dataset` accepts."""
-    return sorted(_DATASETS)
+    return sorted([*_DATASETS, "synthetic"])
+
+
+def _get_synthetic(root: str | os.PathLike[str] | None, split: str, normalize: bool, kwargs: dict[str, Any]) -> TensorData:
+    """A set saved by :meth:`~distill.data.synthetic.SyntheticSet.save`: its images as the train
+    split; any other split is the manifest's source data set's (normalised the same way)."""
+    from distill.data.synthetic import load_synthetic
+
+    if root is None:
+        raise ValueError("data set 'synthetic' needs root=FOLDER, a synthetic set written by SyntheticSet.save "
+                         "or 'distill synth'")
+    if kwargs:
+        raise TypeError(f"data set 'synthetic' got unexpected options {sorted(kwargs)}")
+    s = load_synthetic(root)
+    mean, std = s.normalization
+    if split == "train":
+        x = s.images
+        if not normalize:  # back to pixels
+            x = x * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)
+            mean, std = (0.0,) * len(mean), (1.0,) * len(std)
+        return TensorData(x, s.labels, s.num_classes, "synthetic", "train", mean, std)
+    source = s.manifest.get("source") or {}
+    if not isinstance(source, dict) or not source.get("dataset"):
+        raise ValueError(f"the synthetic set at {str(root)!r} names no source data set (manifest 'source'), so it has "
+                         f"no {split!r} split: evaluate it on a data set of your own")
+    held_out = get_dataset(source["dataset"], source.get("root"), split, normalize, **(source.get("options") or {}))
+    if normalize and any(abs(a - b) > 1e-5 * max(1.0, abs(b)) for a, b in zip((*held_out.mean, *held_out.std),
+                                                                            (*mean, *std))):
+        raise ValueError(f"the synthetic set at {str(root)!r} was normalised with mean {mean}, std {std} but its "
+                         f"source {source['dataset']!r} now gives mean {held_out.mean}, std {held_out.std}: its "
+                         "images and the held-out split would live in different spaces")
+    return held_out
 
 
 Stats = tuple[tuple[float, ...], tuple[float, ...]]
@@ -380,6 +411,8 @@ def get_dataset(
         root: directory of the IDX files. Defaults: mnist → ``$DISTILL_MNIST``, else
             ``../shared/data/mnist`` relative to the working directory; fashion_mnist →
             ``$DISTILL_FASHION_MNIST``, else ``/usr/share/datasets/fashion-mnist``. Ignored by digits.
+            ``"synthetic"``: the folder of a set saved by ``SyntheticSet.save`` (``distill synth``); its
+            train split is the set, any other split its manifest's source data set's.
         split: ``"train"`` or ``"test"`` (mnist, fashion_mnist); ``"train"`` or ``"val"``
             (digits; ``"test"`` is accepted as ``"val"``).
         normalize: standardise each channel with the train split's mean/std.
@@ -390,6 +423,8 @@ def get_dataset(
         ValueError: unknown split.
         FileNotFoundError: data files missing (says how to get them).
     """
+    if name == "synthetic":
+        return _get_synthetic(root, split, normalize, kwargs)
     if name not in _DATASETS:
         close = difflib.get_close_matches(str(name), _DATASETS, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""

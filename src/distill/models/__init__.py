@@ -12,5 +12,8 @@ from distill.models import cifar  # noqa: F401  (registers the CIFAR zoo)
 from distill.models import moonshine  # noqa: F401  (registers the Moonshine cheap-conv WRNs)
 from distill.models import sequence  # noqa: F401  (registers the frame and text models)
 from distill.models import bilstm  # noqa: F401  (registers Tang et al.'s BiLSTM student)
+from distill.models import generators  # noqa: F401  (registers the DAFL/DFAD generators)
+from distill.models import convnet  # noqa: F401  (registers convnet3, dataset distillation's ConvNet)
+from distill.models import lenet  # noqa: F401  (registers lenet5 / lenet5_half, DAFL/DFAD's MNIST pair)
 
 __all__ = ["CNN", "MLP", "UnknownModelError", "create", "create_model", "list_models", "register_model"]
