@@ -244,8 +244,6 @@ def test_dfad_strategy_registered_and_never_reads_train_data():
     assert strategy_info("dfad").paper.arxiv == "1912.11006"
     assert strategy_info("rdskd").paper.arxiv == "2011.03749"
     assert strategy_info("fedftg").paper.arxiv == "2203.09249"
-    adversarial = pytest.importorskip("distill.synthesis.adversarial")  # S1a's loop
-    del adversarial
     from distill.strategies.data_free_dfad import dfad
 
     teacher = _tiny_net(1, 16)
