@@ -46,6 +46,7 @@ import torch
 from _common import write_section
 
 from distill.data import get_dataset
+from distill.synthesis.dsa import strategy_for
 from distill.synthesis.evaluate import evaluate_synthetic
 from distill.synthesis.registry import list_synthesizers, synthesizer_info
 
@@ -96,11 +97,6 @@ WHOLE = {"mnist": 99.6, "fashion_mnist": 93.5}  # DC Table 1, ConvNet on the who
 # --------------------------------------------------------------------------------------------
 
 
-def _dsa_strategy(data: str) -> str:
-    # the authors' README: no flip for digit data sets
-    return "color_crop_cutout_scale_rotate" if data == "mnist" else "color_crop_cutout_flip_scale_rotate"
-
-
 def budget(name: str, data: str, ipc: int, quick: bool, budget_s: float) -> dict[str, Any]:
     """The keyword arguments ``name`` runs with in this benchmark (beyond the reserved ones)."""
     # DC, DSA, DM: the papers' settings but 64 real images per class and step (not 256: on this CPU a
@@ -108,12 +104,12 @@ def budget(name: str, data: str, ipc: int, quick: bool, budget_s: float) -> dict
     if name in ("gradient_matching", "dsa"):
         args: dict[str, Any] = {"max_time_s": budget_s, "batch_real": 64}
         if name == "dsa":
-            args["strategy"] = _dsa_strategy(data)
+            args["strategy"] = strategy_for(data)
         if quick:
             args.update(iterations=2, batch_real=16)
         return args
     if name == "distribution_matching":
-        args = {"max_time_s": budget_s, "strategy": _dsa_strategy(data), "batch_real": 64}
+        args = {"max_time_s": budget_s, "strategy": strategy_for(data), "batch_real": 64}
         if quick:
             args.update(iterations=5, batch_real=32)
         return args

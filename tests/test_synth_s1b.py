@@ -7,6 +7,8 @@ in the comments); the evaluator's mean/std against a plain loop.
 
 from __future__ import annotations
 
+import functools
+
 import json
 import math
 import struct
@@ -259,6 +261,30 @@ def test_evaluate_synthetic_accuracies_mean_std_and_seeds() -> None:
         evaluate_synthetic(s, (t.inputs[:, :, :4], t.targets))
 
 
+def test_evaluator_drops_flip_for_digit_sets_only() -> None:
+    """A mirrored digit is another glyph: the evaluator's DSA has no flip when the set comes from a digit set."""
+    from dataclasses import replace
+
+    from distill.data import get_dataset
+    from distill.synthesis.dsa import strategy_for
+    from distill.synthesis.evaluate import evaluate_synthetic
+
+    assert strategy_for("mnist") == "color_crop_cutout_scale_rotate"
+    assert strategy_for("digits", "flip_rotate") == "rotate"
+    assert strategy_for("fashion_mnist") == "color_crop_cutout_flip_scale_rotate"
+    assert strategy_for(None) == "color_crop_cutout_flip_scale_rotate"
+    d, t = get_dataset("digits"), get_dataset("digits", split="test")
+    s = random_real(d.inputs, d.targets, ipc=1, num_classes=10, progress=False)
+    kw = dict(model_kwargs={"width": 4}, epochs=1, batch_size=16, progress=False, evaluations=1)
+    test = (t.inputs[:20], t.targets[:20])
+    digits = replace(s, manifest={**s.manifest, "source": {"dataset": "digits"}})
+    clothes = replace(s, manifest={**s.manifest, "source": {"dataset": "fashion_mnist"}})
+    assert evaluate_synthetic(digits, test, **kw).settings["dsa_strategy"] == "color_crop_cutout_scale_rotate"
+    assert evaluate_synthetic(clothes, test, **kw).settings["dsa_strategy"] == "color_crop_cutout_flip_scale_rotate"
+    assert evaluate_synthetic(digits, test, dsa_strategy="rotate", **kw).settings["dsa_strategy"] == "rotate"
+    assert evaluate_synthetic(digits, test, dsa=False, **kw).settings["dsa_strategy"] is None
+
+
 # ------------------------------------------------------------------------- recipes and command
 
 
@@ -315,6 +341,7 @@ def test_synth_recipe_end_to_end_through_the_command(tmp_path: Path) -> None:
     ev = report["evaluation"]
     assert report["synthesizer"] == "herding" and report["count"] == 20 and len(ev["accuracies"]) == 2
     assert ev["mean"] == pytest.approx(sum(ev["accuracies"]) / 2) and ev["settings"]["epochs"] == 2
+    assert ev["settings"]["lr"] == 0.01  # no learned lr in a herding set: DC's
     s = load_synthetic(folder)
     assert s.labels.tolist() == [c for c in range(10) for _ in range(2)]
     assert s.manifest["source"]["dataset"] == "digits" and s.manifest["method"] == "herding"
@@ -322,6 +349,31 @@ def test_synth_recipe_end_to_end_through_the_command(tmp_path: Path) -> None:
     assert (folder / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["synth", str(path), "--no-progress"]) == 2  # the folder holds a set: refused
     assert main(["synth", str(path), "--no-progress", "--overwrite"]) == 0
+
+
+def test_synth_recipe_evaluates_with_the_sets_learned_lr(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MTT learns the lr its set is trained with: without an ``evaluate.lr`` the evaluation uses it; 0.01 otherwise."""
+    from dataclasses import replace
+
+    from distill.cli import main
+    from distill.synthesis import registry
+
+    info = registry.synthesizer_info("herding")
+
+    @functools.wraps(info.fn)  # its signature: the recipe checks the arguments against it
+    def learning(*args: object, **kwargs: object) -> object:
+        s = info.fn(*args, **kwargs)
+        return replace(s, manifest={**s.manifest, "learned_lr": 0.037})
+
+    monkeypatch.setitem(registry._SYNTHESIZERS, "herding", replace(info, fn=learning))
+    lrs = {}
+    for name, evaluate in (("learned", {}), ("fixed", {"lr": 0.02})):
+        r = _recipe(tmp_path, name=name)
+        r["evaluate"] = {**r["evaluate"], "evaluations": 1, "epochs": 1, **evaluate}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(r))
+        assert main(["synth", str(tmp_path / f"{name}.yaml"), "--no-progress"]) == 0
+        lrs[name] = json.loads((tmp_path / "synth" / name / "report.json").read_text())["evaluation"]["settings"]["lr"]
+    assert lrs == {"learned": 0.037, "fixed": 0.02}
 
 
 def test_synth_recipe_errors_name_the_key(tmp_path: Path) -> None:

@@ -98,6 +98,68 @@ class TokenBatch(Batch):
                                             for k, v in self.model_kwargs.items()})
 
 
+@dataclass
+class DenseBatch(Batch):
+    """A batch of a dense-prediction task: detection, segmentation, 3D.
+
+    Attributes:
+        inputs: the model input: images ``(B, C, H, W)``, or for point-cloud tasks padded points
+            ``(B, P, F)`` (``F`` features per point: x, y, z, intensity...) with ``point_mask``.
+        targets: semantic masks ``(B, H, W)`` long (class per pixel, ``255`` = ignored), or ``None``.
+        boxes: per image the ground-truth boxes, a list of ``B`` tensors ``(n_i, D)`` float:
+            ``D = 4`` image boxes ``(x1, y1, x2, y2)`` in pixels; 3D boxes
+            ``(x, y, z, dx, dy, dz, yaw)`` in metres (``D = 7``). ``None`` when not labelled.
+        labels: per image the class of each box, a list of ``B`` tensors ``(n_i,)`` long in ``[0, K)``.
+        instance_masks: per image one mask per box, a list of ``B`` tensors ``(n_i, H, W)`` bool, or ``None``.
+        point_mask: ``(B, P)`` bool, which rows of a padded point cloud are points; ``None`` for images.
+        extras: more per-sample tensors by name, each ``(B, ...)`` (a depth map, a second view of the
+            scene, camera intrinsics ``(B, 3, 3)``...).
+    """
+
+    boxes: list[Tensor] | None = None
+    labels: list[Tensor] | None = None
+    instance_masks: list[Tensor] | None = None
+    point_mask: Tensor | None = None
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = int(self.inputs.shape[0])
+        for name in ("boxes", "labels", "instance_masks"):
+            value = getattr(self, name)
+            if value is not None and len(value) != n:
+                raise ValueError(f"DenseBatch.{name} must hold one tensor per sample ({n}), got {len(value)}")
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> DenseBatch:
+        moved = super().to(device, non_blocking)
+
+        def each(items: list[Tensor] | None) -> list[Tensor] | None:
+            return None if items is None else [t.to(device, non_blocking=non_blocking) for t in items]
+
+        return replace(moved, boxes=each(self.boxes), labels=each(self.labels),
+                       instance_masks=each(self.instance_masks),
+                       point_mask=None if self.point_mask is None else self.point_mask.to(device, non_blocking=non_blocking),
+                       extras={k: v.to(device, non_blocking=non_blocking) for k, v in self.extras.items()})
+
+    def part(self, rank: int, world_size: int) -> DenseBatch:
+        n = len(self)
+        if n < world_size:
+            raise ValueError(f"a batch of {n} samples cannot be split over {world_size} processes: every rank "
+                             "needs at least one sample (use a larger batch)")
+        keep = torch.tensor_split(torch.arange(n), world_size)[rank]
+        start, stop = int(keep[0]), int(keep[-1]) + 1
+
+        def each(items: list[Tensor] | None) -> list[Tensor] | None:
+            return None if items is None else list(items[start:stop])
+
+        def cut(t: Tensor | None) -> Tensor | None:
+            return t[start:stop] if isinstance(t, Tensor) and t.dim() >= 1 and t.shape[0] == n else t
+
+        return replace(self, inputs=cut(self.inputs), targets=cut(self.targets), index=cut(self.index),
+                       mix_targets=cut(self.mix_targets), mix_lam=cut(self.mix_lam), point_mask=cut(self.point_mask),
+                       boxes=each(self.boxes), labels=each(self.labels), instance_masks=each(self.instance_masks),
+                       extras={k: cut(v) for k, v in self.extras.items()})
+
+
 # keys of a Hugging Face batch that are not model inputs
 _TOKEN_BATCH_META = ("input_ids", "labels", "index", "idx", "indices")
 

@@ -500,10 +500,11 @@ class SynthEvaluateSpec(_Strict):
 
     evaluations: int = Field(5, gt=0)
     epochs: int = Field(300, gt=0)
-    lr: float = Field(0.01, gt=0)
+    lr: float | None = Field(None, gt=0, description="None: the set's learned lr when it has one (MTT), else 0.01")
     lr_decay: float = Field(0.1, gt=0, le=1)
     batch_size: int = Field(256, gt=0)
     dsa: bool = True
+    dsa_strategy: str | None = Field(None, description="None: DSA's default, without flip for digit sets")
     model: ModelSpec = Field(default_factory=lambda: ModelSpec(name="convnet3"))
     seed: int = Field(0, ge=0)
 

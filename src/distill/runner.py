@@ -801,10 +801,13 @@ def run_synth_recipe(recipe: SynthRecipe, *, out_dir: str | Path | None = None, 
     evaluation = None
     if recipe.evaluate is not None:
         e = recipe.evaluate
+        # MTT learns the lr its set is trained with, and the paper evaluates the set with it
+        lr = e.lr if e.lr is not None else float(synthetic.manifest.get("learned_lr", 0.01))
         evaluation = evaluate_synthetic(synthetic, (test.inputs, test.targets), model=e.model.name,
                                         model_kwargs=e.model.kwargs, evaluations=e.evaluations, epochs=e.epochs,
-                                        lr=e.lr, lr_decay=e.lr_decay, batch_size=e.batch_size, dsa=e.dsa,
-                                        seed=e.seed, progress=progress, device=device).as_dict()
+                                        lr=lr, lr_decay=e.lr_decay, batch_size=e.batch_size, dsa=e.dsa,
+                                        dsa_strategy=e.dsa_strategy, seed=e.seed, progress=progress,
+                                        device=device).as_dict()
     synthetic.save(folder, overwrite=overwrite)
     report = {"name": recipe.name, "synthesizer": info.name, "family": info.family, "paper": info.paper.cite(),
               "ipc": recipe.ipc, "count": len(synthetic), "num_classes": synthetic.num_classes,

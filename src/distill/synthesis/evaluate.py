@@ -132,6 +132,7 @@ def evaluate_synthetic(
     seed: int = 0,
     progress: bool = True,
     lr_decay: float = 0.1,
+    dsa_strategy: str | None = None,
     model_kwargs: dict[str, Any] | None = None,
     device: str | torch.device | None = None,
 ) -> SyntheticEval:
@@ -144,7 +145,10 @@ def evaluate_synthetic(
             ``in_channels`` and, when the factory takes it, ``image_size``; ``model_kwargs`` add to these.
         evaluations: models trained, with seeds ``seed .. seed + evaluations - 1`` (weights, order, DSA).
         epochs, lr, batch_size, lr_decay: the protocol (module docstring); DC's defaults.
-        dsa: differentiable siamese augmentation of each training batch (DSA's default strategy).
+        dsa: differentiable siamese augmentation of each training batch.
+        dsa_strategy: its ``"_"``-joined groups; ``None``: DSA's default, without ``flip`` when the
+            set's manifest names a digit data set as its source (:func:`distill.synthesis.dsa.strategy_for`:
+            a mirrored digit is another glyph; the authors drop flip for MNIST).
 
     Returns:
         :class:`SyntheticEval` (accuracies, mean, std over N, time).
@@ -171,9 +175,11 @@ def evaluate_synthetic(
                          f"{int(test_y.max())}]")
     augment = None
     if dsa:
-        from distill.synthesis.dsa import DSA
+        from distill.synthesis.dsa import DSA, strategy_for
 
-        augment = DSA()
+        source = synthetic.manifest.get("source") if isinstance(synthetic.manifest, dict) else None
+        dataset = source.get("dataset") if isinstance(source, dict) else None
+        augment = DSA(dsa_strategy if dsa_strategy is not None else strategy_for(dataset))
     dev = torch.device(device) if device is not None else torch.device("cpu")
     _build(model, dict(model_kwargs or {}), k, shape)  # a bad model name or argument fails before any training
     accs: list[float] = []
@@ -190,5 +196,6 @@ def evaluate_synthetic(
     arr = np.asarray(accs, dtype=np.float64)
     settings = {"model": model, "model_kwargs": dict(model_kwargs or {}), "evaluations": evaluations,
                 "epochs": epochs, "lr": lr, "lr_decay": lr_decay, "batch_size": batch_size, "dsa": bool(dsa),
+                "dsa_strategy": "_".join(augment.groups) if augment is not None else None,
                 "seeds": [seed + i for i in range(evaluations)], "momentum": 0.9, "weight_decay": 5e-4}
     return SyntheticEval(accs, float(arr.mean()), float(arr.std()), time.perf_counter() - t0, settings)

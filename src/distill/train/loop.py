@@ -213,6 +213,7 @@ def fit(
     loggers: Sequence[Any] | None = None,
     nan_check_every: int | None = None,
     batch_transform: Callable[[Batch], Batch] | None = None,
+    evaluator: Callable[..., dict[str, float]] | None = None,
 ) -> FitResult:
     """Train ``distiller.student`` (and the methods' parts) for ``epochs`` epochs.
 
@@ -304,6 +305,11 @@ def fit(
             step (e.g. :class:`distill.strategies.gkd.OnPolicy`, which replaces completions by the
             student's samples); ``set_epoch(epoch)`` is called on it at each epoch start when it has one.
             The example batch of ``prepare`` and the validation batches are not transformed.
+        evaluator: what evaluates on ``val_loader`` each epoch instead of :func:`evaluate` (whose
+            top-1 suits classifiers): ``evaluator(distiller, val_loader, device, with_teacher=bool)
+            -> dict[str, float]``, logged with a ``val_`` prefix. Its ``"student_acc"`` entry is the
+            task's headline score in %, higher is better (a detector's mAP, a segmenter's mIoU:
+            :mod:`distill.train.dense_eval`), which picks ``best.pt`` and ``best_acc``.
 
     Raises:
         NonFiniteLossError: a loss, or the gradient norm (a NaN gradient from a finite loss), became
@@ -330,6 +336,8 @@ def fit(
         raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip}")
     if ddp not in (None, True, False):
         raise ValueError(f"ddp must be None (automatic), True or False, got {ddp!r}")
+    if evaluator is not None and not callable(evaluator):
+        raise TypeError(f"evaluator must be a callable (distiller, loader, device, with_teacher=...) -> dict, got {evaluator!r}")
     if batch_transform is not None and not callable(batch_transform):
         raise TypeError(f"batch_transform must be a callable Batch -> Batch or None, got {batch_transform!r}")
     if fsdp not in (True, False) or (fsdp and ddp is False):
@@ -359,7 +367,7 @@ def fit(
                           sync_bn=sync_bn, find_unused_parameters=find_unused_parameters, overwrite=overwrite,
                           fingerprint=fingerprint, run_dir_lock=run_dir_lock, loggers=loggers,
                           nan_check_every=nan_check_every, fsdp=fsdp,
-                          batch_transform=batch_transform)
+                          batch_transform=batch_transform, evaluator=evaluator)
     finally:
         caller.restore()  # the random states, deterministic mode and cuDNN flags the caller had
     if info.enabled:
@@ -406,7 +414,8 @@ def _fit(distiller: Any, train_loader: Iterable[Any], val_loader: Iterable[Any] 
          find_unused_parameters: bool | None, overwrite: bool = False,
          fingerprint: Mapping[str, Any] | None = None, run_dir_lock: ExitStack | None = None,
          loggers: Sequence[Any] | None = None, nan_check_every: int | None = None,
-         fsdp: bool = False, batch_transform: Callable[[Batch], Batch] | None = None) -> FitResult:
+         fsdp: bool = False, batch_transform: Callable[[Batch], Batch] | None = None,
+         evaluator: Callable[..., dict[str, float]] | None = None) -> FitResult:
     device = torch.device(device) if device is not None else next(distiller.student.parameters()).device
     if info.enabled:
         device = D.resolve_device(device, info)
@@ -586,9 +595,11 @@ def _fit(distiller: Any, train_loader: Iterable[Any], val_loader: Iterable[Any] 
                     for key, value in getattr(m, "log_values", dict)().items():
                         row[f"{name}_{key}"] = value
                 if val_loader is not None and (info.is_main or fsdp):  # the sharded student needs every rank
-                    row.update({f"val_{k}": v for k, v in evaluate(
-                        distiller, val_loader, device, with_teacher=eval_teacher and teacher is not None,
-                        teacher_cache=teacher_cache).items()})
+                    with_teacher = eval_teacher and teacher is not None
+                    scores = (evaluate(distiller, val_loader, device, with_teacher=with_teacher,
+                                       teacher_cache=teacher_cache) if evaluator is None
+                              else evaluator(distiller, val_loader, device, with_teacher=with_teacher))
+                    row.update({f"val_{k}": v for k, v in scores.items()})
                 row["time_s"] = time.perf_counter() - t0
                 if info.enabled:
                     row = D.broadcast_object(row)  # rank 0's evaluation and method logs on every rank
