@@ -402,6 +402,42 @@ SETUPS: dict[str, tuple[dict, object, dict]] = {
     "search_kd": ({"T": 1.7, "kd": 0.7, "ce": 0.3}, "tokens", {"T": 2.5, "kd": 0.4, "ce": 0.8}),
     # cross-attention maps of a seq2seq pair: non-default weights and T in tests/test_lang_b.py
     "teaching_attention": (None, None, {}),
+    # issue 14's dense losses read detectors', segmenters' and 3D models' outputs, not (B, K) logits:
+    # tests/test_dense_d2a.py (GFL's QFL + GIoU + DFL against hand numbers)
+    "gfl_loss": (None, None, {}),
+    # tests/test_dense_d2b.py (pixel CE with ignored pixels; DETR's set loss against hand numbers)
+    "seg_ce": (None, None, {}),
+    "detr_loss": (None, None, {}),
+    # tests/test_dense_d3a.py (CenterNet's focal loss; MonoDistill's three terms against loops)
+    "mono3d_loss": (None, None, {}),
+    "monodistill": (None, None, {}),
+    # tests/test_dense_d3b.py (CenterPoint's heatmap + box loss; the 3D methods against hand numbers and loops)
+    "bev_loss": (None, None, {}),
+    "lidar_distill": (None, None, {}),
+    "pointdistiller": (None, None, {}),
+    "sparse_kd3d": (None, None, {}),
+    "sparse_kd3d_label": (None, None, {}),
+    # tests/test_dense_m1.py (segmentation maps (B, K, H, W): every term against numpy loops)
+    "skd_pixel": (None, None, {}),
+    "skd_pairwise": (None, None, {}),
+    "skd_holistic": (None, None, {}),
+    "knowledge_adaptation": (None, None, {}),
+    "ka_autoencoder": (None, None, {}),
+    "ifvd": (None, None, {}),
+    "cirkd": (None, None, {}),
+    "graph_flow": (None, None, {}),
+    "graph_flow_paraphraser": (None, None, {}),
+    # tests/test_dense_m2.py (detector taps and assignments: every loss against numpy or loops)
+    "quantization_mimic": (None, None, {}),
+    "adl": (None, None, {}),
+    "fgd": (None, None, {}),
+    "rank_mimicking": (None, None, {}),
+    "pfi": (None, None, {}),
+    "ld": (None, None, {}),
+    "ld_vlr": (None, None, {}),
+    "lgd": (None, None, {}),
+    # tests/test_dense_m3.py (Hungarian-matched DETR outputs: brute force over permutations)
+    "detrdistill": (None, None, {}),
 }
 
 TRANSFORMS = {"indexed": lambda s, t, b: (s, t, indexed(b)), "rocket": _rocket, "rotations": _rotations,

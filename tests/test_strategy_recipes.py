@@ -52,6 +52,10 @@ NEEDS: dict[str, dict] = {
     "fast_dfkd": {"teacher": True, "args": {"kd_steps": 2, "batch_size": 16}},
     "fedftg": {"args": {"num_clients": 4, "active_fraction": 1.0, "local_epochs": 1, "local_batch_size": 16,
                         "finetune_iterations": 2, "latent_dim": 8}, "train": {"weight_decay": 0.001}},
+    # issue 14 (M3): semi-supervised detection on digit scenes with a narrow GFL-style detector
+    **{name: {"labeled": 8, "student": {"name": "gfl_student", "kwargs": {"width": 8}},
+              "data": {"name": "digits_scenes", "task": "detection", "train_subset": 16, "batch_size": 8,
+                       "options": {"n_scenes": 24}}} for name in ("dense_teacher", "dtg_ssod")},
 }
 # strategies not run by this single-process test, each for a stated reason
 PYTHON_ONLY = {
@@ -74,7 +78,7 @@ def _recipe(name: str) -> dict:
     if "labeled" in need:
         strategy["labeled"] = need["labeled"]
     recipe = {"name": f"s_{name}", "data": {"name": "digits", "batch_size": 32, "train_subset": 96, **need.get("data", {})},
-              "student": {"name": "cnn_digits_student"},
+              "student": need.get("student", {"name": "cnn_digits_student"}),
               "train": {"epochs": 1, "lr": 0.05, **need.get("train", {})}, "strategy": strategy}
     if need.get("teacher"):
         recipe["teacher"] = TEACHER

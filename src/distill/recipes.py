@@ -79,7 +79,8 @@ class AugmentSpec(_Strict):
 
 class DataSpec(_Strict):
     # "synthetic": a set written by SyntheticSet.save / 'distill synth' (root: its folder)
-    name: Literal["digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "synthetic"] = "digits"
+    name: Literal["digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "synthetic",
+                  "mnist_scenes", "fashion_scenes", "digits_scenes"] = "digits"
     root: str | None = None
     batch_size: int = Field(64, gt=0)
     eval_batch_size: int = Field(512, gt=0)
@@ -89,11 +90,32 @@ class DataSpec(_Strict):
     # what batches carry as targets: class labels, or the pose-style maps of distill.data.dense.class_heatmaps
     targets: Literal["labels", "class_heatmaps"] = "labels"
     heatmap_sigma: float = Field(1.0, gt=0, description="σ (pixels) of the class_heatmaps Gaussians (else unused)")
+    # what batches carry and how runs are scored: class labels and top-1; or, on the scene data sets
+    # (distill.data.scenes), DenseBatches with boxes scored by mAP, or semantic masks scored by mIoU
+    task: Literal["classification", "detection", "segmentation"] = "classification"
+    options: dict[str, Any] = Field(default_factory=dict, description="the data set's options (get_dataset kwargs: "
+                                    "make_scenes' n_scenes, canvas, objects...)")
 
     @model_validator(mode="after")
     def _synthetic_root(self) -> DataSpec:
         if self.name == "synthetic" and self.root is None:
             raise ValueError("data 'synthetic' needs root: the folder of a synthetic set (written by 'distill synth')")
+        return self
+
+    @model_validator(mode="after")
+    def _dense_task(self) -> DataSpec:
+        scenes = self.name.endswith("_scenes")
+        if scenes != (self.task != "classification"):
+            raise ValueError(f"task {self.task!r} does not fit data set {self.name!r}: the scene data sets "
+                             "(mnist_scenes, fashion_scenes, digits_scenes) take task 'detection' or 'segmentation', "
+                             "the others 'classification'")
+        if scenes:
+            a = self.augment
+            if a.crop_padding or a.flip or a.mixup_alpha is not None or self.targets != "labels":
+                raise ValueError(f"task {self.task!r} takes no 'augment' or 'targets' (a crop or flip would have to "
+                                 "move the boxes and masks): remove them")
+        elif self.options:
+            raise ValueError(f"data.options are for the scene data sets; data set {self.name!r} takes none")
         return self
 
     @model_validator(mode="after")

@@ -48,6 +48,8 @@ def build_data(spec: DataSpec, seed: int = 0) -> tuple[Any, Any, dict[str, Any]]
     from distill.data.loader import check_finite
     from distill.recipes import RecipeError
 
+    if spec.task != "classification":
+        return _build_scene_data(spec, seed)
     train = get_dataset(spec.name, spec.root, split="train")
     val = get_dataset(spec.name, spec.root, split=spec.val_split)
     x, y = train.inputs, train.targets
@@ -94,6 +96,63 @@ def build_data(spec: DataSpec, seed: int = 0) -> tuple[Any, Any, dict[str, Any]]
     return train_loader, val_loader, info
 
 
+def _build_scene_data(spec: DataSpec, seed: int) -> tuple[Any, Any, dict[str, Any]]:
+    """Loaders of a scene data set (:mod:`distill.data.scenes`): DenseBatches with boxes, labels and
+    semantic masks; ``num_classes`` counts the objects (detection) or background + objects (segmentation)."""
+    from distill.data import get_dataset
+    from distill.recipes import RecipeError
+
+    try:
+        train = get_dataset(spec.name, spec.root, split="train", **spec.options)
+        val = get_dataset(spec.name, spec.root, split=spec.val_split, **spec.options)
+    except TypeError as e:  # an option make_scenes does not take
+        raise RecipeError(f"data.options: {e}") from None
+    if spec.train_subset is not None:
+        if spec.train_subset > len(train):
+            raise RecipeError(f"data.train_subset={spec.train_subset} is larger than data set {spec.name!r}, which has "
+                              f"{len(train)} training scenes")
+        train = train.subset(range(spec.train_subset))
+    if spec.batch_size > len(train):
+        raise RecipeError(f"data.batch_size={spec.batch_size} is larger than the {len(train)} training scenes of "
+                          f"data set {spec.name!r}: lower data.batch_size")
+    train_loader = train.loader(spec.batch_size, shuffle=True, seed=seed, masks=False)
+    val_loader = val.loader(spec.eval_batch_size, masks=False)
+    k = train.num_seg_classes if spec.task == "segmentation" else train.num_classes
+    info = {"dataset": spec.name, "task": spec.task, "num_classes": k, "in_channels": int(train.input_shape[0]),
+            "train_size": len(train), "val_size": len(val), "val_split": spec.val_split}
+    return train_loader, val_loader, info
+
+
+def task_evaluator(info: dict[str, Any]) -> dict[str, Any]:
+    """``fit``'s ``evaluator`` for the data's task, as keyword arguments: none for classification
+    (fit's top-1), COCO mAP for detection, mIoU for segmentation (:mod:`distill.train.dense_eval`)."""
+    task = info.get("task", "classification")
+    if task == "detection":
+        from distill.train.dense_eval import detection_evaluator
+
+        return {"evaluator": detection_evaluator}
+    if task == "segmentation":
+        from distill.train.dense_eval import segmentation_evaluator
+
+        return {"evaluator": segmentation_evaluator(info["num_classes"])}
+    return {}
+
+
+def task_losses(losses: dict[str, dict[str, Any]], info: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
+    """What a model trained alone in a dense recipe trains with: the recipe's task losses (family
+    ``"task"``: ``gfl_loss``, ``seg_ce``, ``detr_loss``); ``None`` for classification (CE)."""
+    from distill.methods import method_info
+    from distill.recipes import RecipeError
+
+    if info.get("task", "classification") == "classification":
+        return None
+    own = {n: kw for n, kw in losses.items() if method_info(n).family == "task"}
+    if not own:
+        raise RecipeError(f"task {info['task']!r}: losses must hold the model's own loss (family 'task': "
+                          "gfl_loss, detr_loss, seg_ce...), which trains the teacher here and the student")
+    return own
+
+
 def build_model(spec: ModelSpec, num_classes: int, in_channels: int) -> nn.Module:
     """A zoo model sized for the data (``num_classes``/``in_channels`` unless the spec sets them)."""
     from distill.models import create
@@ -121,9 +180,10 @@ def _fit_kwargs(t: TrainSpec) -> dict[str, Any]:
 def train_model(model: nn.Module, spec: ModelSpec, train: TrainSpec, data: tuple[Any, Any, dict[str, Any]],
                 run_dir: Path, *, label_smoothing: float = 0.0, seed: int = 0, progress: bool = True,
                 resume: bool = False, on_epoch_end: Any = None, fingerprint: dict[str, Any] | None = None,
-                overwrite: bool = False) -> dict[str, Any]:
+                overwrite: bool = False, losses: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Train one model with CE (or label smoothing) and save ``run_dir/model.safetensors`` with its metadata.
 
+    ``losses``: other losses to train with instead (a dense task's own loss, :func:`task_losses`).
     ``fingerprint``, ``resume``, ``overwrite``: passed to :func:`distill.fit` (what its checkpoints
     record and resume checks; whether results in ``run_dir`` may be continued or replaced)."""
     from distill.distiller import Distiller
@@ -133,13 +193,15 @@ def train_model(model: nn.Module, spec: ModelSpec, train: TrainSpec, data: tuple
 
     train_loader, val_loader, info = data
     loss = create_method("label_smoothing", eps=label_smoothing) if label_smoothing > 0 else create_method("ce")
-    d = Distiller(model, None, losses={loss.name: loss})
+    methods = {n: create_method(n, **kw) for n, kw in losses.items()} if losses else {loss.name: loss}
+    d = Distiller(model, None, losses=methods)
     t0 = time.perf_counter()
     result = fit(d, train_loader, val_loader, run_dir=run_dir, seed=seed, progress=progress, resume=resume,
-                 on_epoch_end=on_epoch_end, fingerprint=fingerprint, overwrite=overwrite, **_fit_kwargs(train))
+                 on_epoch_end=on_epoch_end, fingerprint=fingerprint, overwrite=overwrite, **_fit_kwargs(train),
+                 **task_evaluator(info))
     metadata = {"label_smoothing": label_smoothing, "val_acc": result.last_acc, "best_acc": result.best_acc,
                 "epochs": train.epochs, "dataset": info["dataset"], "seed": seed}
-    summary = {"name": spec.name, "kind": "train", "group": spec.name, "losses": {loss.name: 1.0}, "seed": seed,
+    summary = {"name": spec.name, "kind": "train", "group": spec.name, "losses": losses or {loss.name: 1.0}, "seed": seed,
                "epochs": train.epochs, "last_acc": result.last_acc, "best_acc": result.best_acc,
                "best_epoch": result.best_epoch, "label_smoothing": label_smoothing,
                # a resumed run's time includes the sessions before it
@@ -252,12 +314,15 @@ def _run_recipe(recipe: Recipe, *, base: Path, progress: bool, resume: bool, see
     seeds = seeds or recipe.seeds
     data = build_data(recipe.data, seed=seeds[0])
     info = data[2]
+    if recipe.strategy is None:
+        task_losses(losses, info)  # a dense task names the model's own loss: checked before any work
 
     # ---- build everything first: a bad tap path or shape fails before any training
     def make_distiller(student: nn.Module, teacher: Any) -> Distiller:
         methods = {n: create_method(n, **kw) for n, kw in losses.items()}
         d = Distiller(student, teacher, losses=methods)
-        d.bind_data(len(data[0].targets), data[0].targets)
+        targets = getattr(data[0], "targets", None)  # a scene loader has no label tensor
+        d.bind_data(len(targets) if targets is not None else info["train_size"], targets)
         d.prepare(next(iter(data[0])))
         return d
 
@@ -296,7 +361,7 @@ def _run_recipe(recipe: Recipe, *, base: Path, progress: bool, resume: bool, see
             model = build_model(recipe.student, info["num_classes"], info["in_channels"])
             train_model(model, recipe.student, recipe.train, build_data(recipe.data, s), run_dir,
                         label_smoothing=eps, seed=s, progress=progress, resume=resume,
-                        fingerprint=recipe_fingerprint(recipe, losses, s))
+                        fingerprint=recipe_fingerprint(recipe, losses, s), losses=task_losses(losses, info))
             dirs.append(run_dir)
         _report(base, dirs, recipe.name)
         return dirs
@@ -316,7 +381,7 @@ def _run_recipe(recipe: Recipe, *, base: Path, progress: bool, resume: bool, see
             console.print(f"training teacher {spec.name} → {tdir}")
             train_model(teacher_models[i], spec, t.train, teacher_data, tdir,  # type: ignore[arg-type]
                         label_smoothing=t.label_smoothing, seed=seeds[0] + i, progress=progress, resume=resume,
-                        fingerprint={**fingerprint, "seed": seeds[0] + i})
+                        fingerprint={**fingerprint, "seed": seeds[0] + i}, losses=task_losses(losses, info))
             if is_main_process():
                 atomic_write_json(spec_file, fingerprint)
             teacher_models[i], member_metadata[i] = load_model(tdir / MODEL_FILE, teacher_models[i])
@@ -360,7 +425,7 @@ def _run_recipe(recipe: Recipe, *, base: Path, progress: bool, resume: bool, see
                                   fingerprint=spec, **_fit_kwargs(recipe.hint_stage.train))
             stage_time = hint.time_s or 0.0
         result = fit(d, train_loader, val_loader, run_dir=run_dir, seed=s, progress=progress, resume=resume,
-                     fingerprint=spec, **_fit_kwargs(recipe.train))
+                     fingerprint=spec, **_fit_kwargs(recipe.train), **task_evaluator(info))
         last = result.history[-1] if result.history else {}
         summary = {
             "name": recipe.name, "kind": "distill", "group": recipe.name, "losses": losses, "seed": s,
@@ -395,7 +460,15 @@ def _run_strategy(recipe: Recipe, seed: int, run_dir: Path, info: dict[str, Any]
     params = inspect.signature(fn).parameters
     train_loader, val_loader, _ = build_data(recipe.data, seed=seed)
     kwargs: dict[str, Any] = dict(spec.args)
-    if spec.labeled is not None:  # the first N samples keep their labels, the rest are unlabeled data
+    if spec.labeled is not None and info.get("task", "classification") != "classification":
+        scenes, n = train_loader.scenes, spec.labeled  # the first N scenes keep their boxes, the rest are unlabeled
+        if n >= len(scenes):
+            raise RecipeError(f"strategy.labeled={n} leaves no unlabeled data: the training set has {len(scenes)} scenes")
+        unlabeled = scenes.subset(range(n, len(scenes))).loader(train_loader.batch_size, shuffle=True, seed=seed,
+                                                                 masks=False)
+        train_loader = scenes.subset(range(n)).loader(train_loader.batch_size, shuffle=True, seed=seed, masks=False)
+        kwargs["unlabeled_loader"] = unlabeled
+    elif spec.labeled is not None:  # the first N samples keep their labels, the rest are unlabeled data
         x, y, n = train_loader.inputs, train_loader.targets, spec.labeled
         if n >= len(x):
             raise RecipeError(f"strategy.labeled={n} leaves no unlabeled data: the training set has {len(x)} samples")
@@ -414,7 +487,7 @@ def _run_strategy(recipe: Recipe, seed: int, run_dir: Path, info: dict[str, Any]
         if "teacher" not in params:
             raise RecipeError(f"strategy {spec.name!r} takes no teacher: remove the recipe's 'teacher'")
         kwargs["teacher"] = teacher
-    fit_kwargs = _fit_kwargs(recipe.train)
+    fit_kwargs = {**_fit_kwargs(recipe.train), **task_evaluator(info)}
     epochs = fit_kwargs.pop("epochs")
     if resume:
         fit_kwargs["resume"] = True
@@ -622,8 +695,8 @@ def _check_widths(recipe: Recipe, losses: dict[str, dict[str, Any]], student: nn
     from distill.methods import create_method
     from distill.recipes import RecipeError
 
-    if recipe.data.targets != "labels":  # dense target maps: the outputs are not one logit per class
-        return
+    if recipe.data.targets != "labels" or recipe.data.task != "classification":
+        return  # dense target maps or a dense task: the outputs are not one logit per class
     info = data[2]
     x = next(iter(data[1])).inputs[:2]  # two validation images: eval mode, nothing is trained
     k = info["num_classes"]

@@ -25,7 +25,9 @@ from distill.data.sources import (
     load_fashion_mnist,
     load_mnist,
     read_idx,
+    register_dataset,
 )
+from distill.data.scenes import SceneLoader, SceneSet, make_scenes  # registers the "*_scenes" data sets
 from distill.data.text import (
     Passage,
     TokenLoader,
@@ -56,6 +58,10 @@ __all__ = [
     "load_fashion_mnist",
     "load_mnist",
     "read_idx",
+    "register_dataset",
+    "SceneLoader",
+    "SceneSet",
+    "make_scenes",
     "Passage",
     "TokenLoader",
     "chat_prompts",

@@ -36,6 +36,7 @@ __all__ = [
     "load_fashion_mnist",
     "load_mnist",
     "read_idx",
+    "register_dataset",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -340,7 +341,20 @@ _DATASETS: dict[str, _DatasetSpec] = {
 
 def list_datasets() -> list[str]:
     """Names :func:`get_dataset` accepts."""
-    return sorted([*_DATASETS, "synthetic"])
+    return sorted([*_DATASETS, *_BUILDERS, "synthetic"])
+
+
+# data sets of a richer kind than (images, labels), each built by its own module, which registers
+# itself on import (``distill.data`` imports them): the scene sets of distill.data.scenes
+_BUILDERS: dict[str, Callable[..., Any]] = {}
+
+
+def register_dataset(name: str, build: Callable[..., Any]) -> None:
+    """Let :func:`get_dataset` build data set ``name`` as ``build(root, split, normalize, **kwargs)``
+    (e.g. ``"mnist_scenes"``: a :class:`~distill.data.scenes.SceneSet`). Registering a taken name raises."""
+    if name in _DATASETS or name == "synthetic" or (name in _BUILDERS and _BUILDERS[name] is not build):
+        raise ValueError(f"a data set named {name!r} is already registered")
+    _BUILDERS[name] = build
 
 
 def _get_synthetic(root: str | os.PathLike[str] | None, split: str, normalize: bool, kwargs: dict[str, Any]) -> TensorData:
@@ -408,6 +422,9 @@ def get_dataset(
     Args:
         name: ``"digits"`` (embedded, no download), ``"mnist"``, ``"fashion_mnist"``, ``"cifar10"``
             or ``"cifar100"`` (the official python-version folders; root or ``$DISTILL_CIFAR10/100``).
+            ``"mnist_scenes"``, ``"fashion_scenes"``, ``"digits_scenes"``: detection / segmentation
+            scenes (:func:`distill.data.scenes.make_scenes`, whose options kwargs pass to), returned as
+            a :class:`~distill.data.scenes.SceneSet`, normalised with the train split's statistics.
         root: directory of the IDX files. Defaults: mnist → ``$DISTILL_MNIST``, else
             ``../shared/data/mnist`` relative to the working directory; fashion_mnist →
             ``$DISTILL_FASHION_MNIST``, else ``/usr/share/datasets/fashion-mnist``. Ignored by digits.
@@ -425,6 +442,8 @@ def get_dataset(
     """
     if name == "synthetic":
         return _get_synthetic(root, split, normalize, kwargs)
+    if name in _BUILDERS:  # e.g. "mnist_scenes" (distill.data.scenes): its own type, its own options
+        return _BUILDERS[name](root, split, normalize, **kwargs)
     if name not in _DATASETS:
         close = difflib.get_close_matches(str(name), _DATASETS, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""

@@ -15,5 +15,10 @@ from distill.models import bilstm  # noqa: F401  (registers Tang et al.'s BiLSTM
 from distill.models import generators  # noqa: F401  (registers the DAFL/DFAD generators)
 from distill.models import convnet  # noqa: F401  (registers convnet3, dataset distillation's ConvNet)
 from distill.models import lenet  # noqa: F401  (registers lenet5 / lenet5_half, DAFL/DFAD's MNIST pair)
+from distill.models import detection  # noqa: F401  (registers gfl_teacher / gfl_student, the GFL-style detectors)
+from distill.models import segmentation  # noqa: F401  (registers seg_teacher / seg_student, DeepLab-lite)
+from distill.models import detr  # noqa: F401  (registers detr_teacher / detr_student)
+from distill.models import pointcloud  # noqa: F401  (registers pillars_teacher / pillars_student / pointnet_bev_student)
+from distill.models import mono3d  # noqa: F401  (registers mono_teacher / mono_student, MonoDistill's pair)
 
 __all__ = ["CNN", "MLP", "UnknownModelError", "create", "create_model", "list_models", "register_model"]

@@ -3,6 +3,13 @@ training (:mod:`distill.train.distributed`)."""
 
 from distill.train import distributed
 from distill.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from distill.train.dense_eval import (
+    detection_evaluator,
+    detection_map,
+    evaluate_detection,
+    evaluate_segmentation,
+    segmentation_evaluator,
+)
 from distill.train.evaluate import evaluate
 from distill.train.loop import (
     EpochLog,
@@ -24,6 +31,11 @@ __all__ = [
     "LabelRangeError",
     "NonFiniteLossError",
     "distributed",
+    "detection_evaluator",
+    "detection_map",
+    "evaluate_detection",
+    "evaluate_segmentation",
+    "segmentation_evaluator",
     "evaluate",
     "fit",
     "fit_hint_stage",

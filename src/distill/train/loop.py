@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from distill.batch import Batch, as_batch
+from distill.batch import Batch, DenseBatch, as_batch
 from distill.data.augment import mix_seed
 from distill.data.loader import check_finite
 from distill.files import atomic_write_text
@@ -540,7 +540,9 @@ def _fit(distiller: Any, train_loader: Iterable[Any], val_loader: Iterable[Any] 
                     batch = as_batch(raw).to(device, non_blocking=True)
                     if batch_transform is not None:
                         batch = batch_transform(batch)
-                    if epoch == start_epoch and not isinstance(all_targets, torch.Tensor):
+                    # a DenseBatch's targets are masks, not classes of the student's logits
+                    if epoch == start_epoch and not isinstance(all_targets, torch.Tensor) \
+                            and not isinstance(batch, DenseBatch):
                         _check_labels(batch.targets, num_classes, f"training batch {step}")
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                         out = stepper(batch)
@@ -586,7 +588,7 @@ def _fit(distiller: Any, train_loader: Iterable[Any], val_loader: Iterable[Any] 
                     if stepped:  # a step the scaler skipped moves no schedule either
                         sched.step_batch()
                     losses.add(out.total, out.parts, share)
-                    bar.advance(float(out.total) if bar.wants_loss(step) else None)
+                    bar.advance(float(out.total.detach()) if bar.wants_loss(step) else None)
                 watch.check(epoch, None, log.checkpoint_dir, amp_dtype)  # before eval and checkpoint
                 epoch_lr = opt.param_groups[0]["lr"]  # the rate the epoch trained at (its last step's)
                 sched.step_epoch()
