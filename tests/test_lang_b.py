@@ -155,7 +155,7 @@ def test_teaching_attention_zero_at_agreement_and_nonnegative(seed):
     assert abs(float(same.detach())) < 1e-9
     same.backward()  # the norm's gradient at 0 is defined (no nan)
     assert bool(torch.isfinite(sa.grad).all())
-    assert float(m({"logits": s, "cross_attentions.-1": sa}, {"logits": t, "cross_attentions.-1": ta}, batch)) > 0
+    assert float(m({"logits": s, "cross_attentions.-1": sa}, {"logits": t, "cross_attentions.-1": ta}, batch).detach()) > 0
 
 
 def test_teaching_attention_on_tiny_t5_reads_cross_attention():
