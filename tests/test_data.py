@@ -213,7 +213,7 @@ def test_get_dataset_digits_normalisation_and_errors():
     assert len(get_dataset("digits", val_fraction=0.5, seed=3)) == 898
 
     assert list_datasets() == ["cifar10", "cifar100", "digits", "digits_scenes", "fashion_mnist", "fashion_scenes",
-                               "mnist", "mnist_scenes", "synthetic"]
+                               "lidar_scenes", "mnist", "mnist_scenes", "synthetic"]
     with pytest.raises(KeyError, match="unknown data set 'mnsit'.*did you mean mnist"):
         get_dataset("mnsit")
     with pytest.raises(ValueError, match=r"splits \['train', 'test'\]; got split='val'"):

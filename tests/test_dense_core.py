@@ -54,3 +54,13 @@ def test_fit_uses_the_evaluator_and_its_student_acc_picks_the_best(tmp_path) -> 
     with pytest.raises(TypeError, match="evaluator must be a callable"):
         distill.fit(distill.Distiller(model, None, losses={"ce": 1.0}), data, data, epochs=1, progress=False,
                     evaluator="map")
+
+
+def test_the_distiller_reads_a_segmenters_classes_from_axis_one() -> None:
+    from distill.models import create
+
+    seg = create("seg_student", num_classes=7)
+    d = distill.Distiller(seg, None, losses={"seg_ce": 1.0})
+    b = DenseBatch(torch.randn(2, 1, 32, 40), targets=torch.zeros(2, 32, 40, dtype=torch.long))
+    d.prepare(b)
+    assert d.num_classes == 7  # not the map's width (40 / 4)

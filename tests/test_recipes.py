@@ -482,3 +482,23 @@ def test_the_ls_note_reads_other_temperatures(tmp_path: Path) -> None:
     assert ls_notes({"label_smoothing": 0.1}, validate_losses({"ce": 1.0, "dkd": {}}))
     assert not ls_notes({"label_smoothing": 0.0}, validate_losses({"ce": 1.0, "dkd": {}}))
     assert not ls_notes({"label_smoothing": 0.1}, validate_losses({"ce": 1.0, "logit_regression": 1.0}))
+
+
+def test_a_students_checkpoint_is_loaded_not_ignored(kd_run: dict[str, Any], tmp_path: Path) -> None:
+    """``student.checkpoint`` starts the student from those weights (at lr ~0 it ends where it started)."""
+    import torch
+    from safetensors.torch import load_file
+
+    start = load_file(str(kd_run["model"]))
+    runs = {}
+    for name, ckpt in (("from_checkpoint", str(kd_run["model"])), ("fresh", None)):
+        student = {"name": "cnn_digits_teacher", **({"checkpoint": ckpt} if ckpt else {})}
+        recipe = parse_recipe(train_recipe(name=name, student=student, seeds=[0],
+                                           data={"name": "digits", "train_subset": 32, "batch_size": 32},
+                                           train={"epochs": 1, "lr": 1e-12, "momentum": 0.0, "weight_decay": 0.0,
+                                                  "device": "cpu"}))
+        (run_dir,) = run_recipe(recipe, out_dir=tmp_path, progress=False)
+        runs[name] = load_file(str(next(Path(run_dir).rglob("model.safetensors"))))
+    weights = [k for k, v in start.items() if v.is_floating_point() and "running" not in k]
+    assert weights and all(torch.allclose(runs["from_checkpoint"][k], start[k], atol=1e-6) for k in weights)
+    assert not all(torch.allclose(runs["fresh"][k], start[k], atol=1e-6) for k in weights)

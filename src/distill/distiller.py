@@ -175,7 +175,9 @@ class Distiller(nn.Module):
     def _student_width(self, student_view: View) -> int:
         if self._lm_parts is not None:
             return int(self._lm_parts[1].out_features)
-        return int(student_view["logits"].shape[-1])
+        logits = student_view["logits"]
+        # a dense map (B, K, H, W) holds its classes on axis 1; (B, K), (B, T, K) and (B, N, K) on the last
+        return int(logits.shape[1] if logits.dim() == 4 else logits.shape[-1])
 
     def teacher_module(self) -> nn.Module | None:
         """The teacher's ``nn.Module`` when the teacher source wraps exactly one, else ``None``."""

@@ -77,10 +77,43 @@ class AugmentSpec(_Strict):
     mixup_alpha: float | None = Field(None, gt=0, description="mixup with λ ~ Beta(alpha, alpha), after crop and flip")
 
 
+# the 3D scene data sets (distill.data.pointscenes) and their tasks; the options a recipe may give them
+POINT_SCENE_SETS = ("lidar_scenes",)
+POINT_SCENE_TASKS = ("bev", "mono3d")
+POINT_SCENE_OPTIONS = ("n_scenes", "beams", "teacher_beams", "objects", "seed")
+
+
+def _check_point_options(spec: DataSpec) -> None:
+    """A point-scene data spec's options and keys, before any scene is made (each error names its key)."""
+    unknown = sorted(set(spec.options) - set(POINT_SCENE_OPTIONS))
+    if unknown:
+        raise ValueError(f"data.options.{unknown[0]}: unknown option of data set {spec.name!r}; it takes "
+                         f"{list(POINT_SCENE_OPTIONS)}")
+    for key in ("n_scenes", "beams", "teacher_beams", "seed"):
+        v = spec.options.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < (0 if key == "seed" else 1)):
+            raise ValueError(f"data.options.{key}: must be a {'non-negative' if key == 'seed' else 'positive'} "
+                             f"integer (got {v!r})")
+    for key in ("beams", "teacher_beams"):
+        v = spec.options.get(key)
+        if v is not None and 64 % v:
+            raise ValueError(f"data.options.{key}: the beam count must divide 64 (64, 32, 16, 8...), got {v!r}")
+    teacher_beams = spec.options.get("teacher_beams")
+    if teacher_beams is not None:
+        if spec.task != "bev":
+            raise ValueError(f"data.options.teacher_beams: the teacher's denser scan is for task 'bev' (LiDAR "
+                             f"Distillation), not {spec.task!r}: remove it")
+        if teacher_beams <= spec.options.get("beams", 64):
+            raise ValueError(f"data.options.teacher_beams ({teacher_beams}) must be more than data.options.beams "
+                             f"({spec.options.get('beams', 64)}): the teacher sees the denser scan")
+    if spec.train_subset is not None:
+        raise ValueError(f"data.train_subset: data set {spec.name!r} is generated: set data.options.n_scenes instead")
+
+
 class DataSpec(_Strict):
     # "synthetic": a set written by SyntheticSet.save / 'distill synth' (root: its folder)
     name: Literal["digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "synthetic",
-                  "mnist_scenes", "fashion_scenes", "digits_scenes"] = "digits"
+                  "mnist_scenes", "fashion_scenes", "digits_scenes", "lidar_scenes"] = "digits"
     root: str | None = None
     batch_size: int = Field(64, gt=0)
     eval_batch_size: int = Field(512, gt=0)
@@ -91,10 +124,13 @@ class DataSpec(_Strict):
     targets: Literal["labels", "class_heatmaps"] = "labels"
     heatmap_sigma: float = Field(1.0, gt=0, description="σ (pixels) of the class_heatmaps Gaussians (else unused)")
     # what batches carry and how runs are scored: class labels and top-1; or, on the scene data sets
-    # (distill.data.scenes), DenseBatches with boxes scored by mAP, or semantic masks scored by mIoU
-    task: Literal["classification", "detection", "segmentation"] = "classification"
+    # (distill.data.scenes), DenseBatches with boxes scored by mAP, or semantic masks scored by mIoU; or, on
+    # lidar_scenes (distill.data.pointscenes), 3D boxes scored by BEV AP: "bev" from the LiDAR points,
+    # "mono3d" from the camera (image + sparse LiDAR depth)
+    task: Literal["classification", "detection", "segmentation", "bev", "mono3d"] = "classification"
     options: dict[str, Any] = Field(default_factory=dict, description="the data set's options (get_dataset kwargs: "
-                                    "make_scenes' n_scenes, canvas, objects...)")
+                                    "make_scenes' n_scenes, canvas, objects...; lidar_scenes' n_scenes, beams, "
+                                    "teacher_beams, objects, seed)")
 
     @model_validator(mode="after")
     def _synthetic_root(self) -> DataSpec:
@@ -105,10 +141,16 @@ class DataSpec(_Strict):
     @model_validator(mode="after")
     def _dense_task(self) -> DataSpec:
         scenes = self.name.endswith("_scenes")
-        if scenes != (self.task != "classification"):
+        points = self.name in POINT_SCENE_SETS
+        fits = self.task in (POINT_SCENE_TASKS if points else ("detection", "segmentation") if scenes
+                             else ("classification",))
+        if not fits:
             raise ValueError(f"task {self.task!r} does not fit data set {self.name!r}: the scene data sets "
                              "(mnist_scenes, fashion_scenes, digits_scenes) take task 'detection' or 'segmentation', "
-                             "the others 'classification'")
+                             f"the point scenes ({', '.join(POINT_SCENE_SETS)}) 'bev' or 'mono3d', the others "
+                             "'classification'")
+        if points:
+            _check_point_options(self)
         if scenes:
             a = self.augment
             if a.crop_padding or a.flip or a.mixup_alpha is not None or self.targets != "labels":
@@ -341,6 +383,17 @@ class Recipe(_Strict):
             if "losses" in self.model_fields_set:
                 raise ValueError(f"strategy {self.strategy.name!r} chooses its own losses: remove 'losses' (its "
                                  "hyper-parameters go in strategy.args)")
+        if self.data.options.get("teacher_beams") is not None and self.data.name in POINT_SCENE_SETS:
+            if self.teacher is None or self.strategy is not None:
+                raise ValueError("data.options.teacher_beams: the denser scan is the teacher's input; this recipe "
+                                 "has no teacher distilled with losses: remove it")
+            if self.teacher.ensemble is not None or self.teacher.cache is not None:
+                raise ValueError("data.options.teacher_beams: the denser scan is read by one teacher model "
+                                 "(teacher.model, without teacher.cache)")
+        elif "lidar_distill" in self.losses:
+            raise ValueError("losses.lidar_distill: its teacher sees the full-beam scan of the scenes whose reduced "
+                             "scan the student sees: use data set 'lidar_scenes' with data.options.beams (the "
+                             "student's) and data.options.teacher_beams (the teacher's)")
         strategy = self.strategy.name if self.strategy is not None else None
         if self.data.targets != "labels" and strategy not in DENSE_TARGET_STRATEGIES:
             raise ValueError(f"data.targets {self.data.targets!r} gives dense target maps, which only a dense-output "

@@ -48,6 +48,8 @@ def build_data(spec: DataSpec, seed: int = 0) -> tuple[Any, Any, dict[str, Any]]
     from distill.data.loader import check_finite
     from distill.recipes import RecipeError
 
+    if spec.task in ("bev", "mono3d"):
+        return _build_point_data(spec, seed)
     if spec.task != "classification":
         return _build_scene_data(spec, seed)
     train = get_dataset(spec.name, spec.root, split="train")
@@ -123,10 +125,44 @@ def _build_scene_data(spec: DataSpec, seed: int) -> tuple[Any, Any, dict[str, An
     return train_loader, val_loader, info
 
 
+def _build_point_data(spec: DataSpec, seed: int) -> tuple[Any, Any, dict[str, Any]]:
+    """Loaders of the 3D point scenes (:mod:`distill.data.pointscenes`): DenseBatches with 3D boxes and
+    labels, whose inputs are the LiDAR points (task ``bev``) or the camera image and sparse depth
+    (``mono3d``); with ``data.options.teacher_beams`` the training batches also carry the teacher's denser
+    scan (``extras["teacher_points"]``, for :class:`~distill.methods.dense3d.BeamTeacher`)."""
+    from distill.data import get_dataset
+    from distill.recipes import RecipeError
+
+    options = dict(spec.options)
+    try:
+        train = get_dataset(spec.name, spec.root, split="train", **options)
+        options.pop("teacher_beams", None)  # the validation scenes are scored on the student's scan alone
+        val = get_dataset(spec.name, spec.root, split=spec.val_split, **options)
+    except (TypeError, ValueError) as e:  # an option the data set does not take, or a bad value or split
+        raise RecipeError(f"data.options: {e}") from None
+    if spec.batch_size > len(train):
+        raise RecipeError(f"data.batch_size={spec.batch_size} is larger than the {len(train)} training scenes of "
+                          f"data set {spec.name!r}: lower data.batch_size or raise data.options.n_scenes")
+    inputs = "camera" if spec.task == "mono3d" else "points"
+    train_loader = train.loader(spec.batch_size, shuffle=True, seed=seed, inputs=inputs)
+    val_loader = val.loader(spec.eval_batch_size, inputs=inputs)
+    # in_channels None: the 3D models take no such argument (build_model leaves it out)
+    info = {"dataset": spec.name, "task": spec.task, "num_classes": train.num_classes, "in_channels": None,
+            "train_size": len(train), "val_size": len(val), "val_split": spec.val_split, "beams": train.lidar.beams}
+    if train.teacher_scans is not None:
+        info["teacher_beams"] = train.teacher_scans.lidar.beams
+    return train_loader, val_loader, info
+
+
 def task_evaluator(info: dict[str, Any]) -> dict[str, Any]:
     """``fit``'s ``evaluator`` for the data's task, as keyword arguments: none for classification
-    (fit's top-1), COCO mAP for detection, mIoU for segmentation (:mod:`distill.train.dense_eval`)."""
+    (fit's top-1), COCO mAP for detection, mIoU for segmentation (:mod:`distill.train.dense_eval`), BEV AP
+    for the 3D tasks ``bev`` and ``mono3d`` (:mod:`distill.train.bev_eval`)."""
     task = info.get("task", "classification")
+    if task in ("bev", "mono3d"):
+        from distill.train.bev_eval import bev_evaluator
+
+        return {"evaluator": bev_evaluator(num_classes=info["num_classes"])}
     if task == "detection":
         from distill.train.dense_eval import detection_evaluator
 
@@ -140,7 +176,8 @@ def task_evaluator(info: dict[str, Any]) -> dict[str, Any]:
 
 def task_losses(losses: dict[str, dict[str, Any]], info: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
     """What a model trained alone in a dense recipe trains with: the recipe's task losses (family
-    ``"task"``: ``gfl_loss``, ``seg_ce``, ``detr_loss``); ``None`` for classification (CE)."""
+    ``"task"``: ``gfl_loss``, ``seg_ce``, ``detr_loss``, ``bev_loss``, ``mono3d_loss``); ``None`` for
+    classification (CE)."""
     from distill.methods import method_info
     from distill.recipes import RecipeError
 
@@ -153,12 +190,26 @@ def task_losses(losses: dict[str, dict[str, Any]], info: dict[str, Any]) -> dict
     return own
 
 
-def build_model(spec: ModelSpec, num_classes: int, in_channels: int) -> nn.Module:
-    """A zoo model sized for the data (``num_classes``/``in_channels`` unless the spec sets them)."""
+def build_model(spec: ModelSpec, num_classes: int, in_channels: int | None) -> nn.Module:
+    """A zoo model sized for the data (``num_classes``/``in_channels`` unless the spec sets them;
+    ``in_channels`` None: the data's models take none, e.g. the 3D detectors)."""
     from distill.models import create
 
-    kwargs = {"num_classes": num_classes, "in_channels": in_channels, **spec.kwargs}
+    sized = {"num_classes": num_classes} if in_channels is None else {"num_classes": num_classes,
+                                                                      "in_channels": in_channels}
+    kwargs = {**sized, **spec.kwargs}
     return create(spec.name, **kwargs)
+
+
+def build_student(spec: ModelSpec, num_classes: int, in_channels: int | None) -> nn.Module:
+    """:func:`build_model`, then the weights of ``spec.checkpoint`` when the recipe names one (a student
+    that starts from trained weights: fine-tuning, a stage of a chain); read without running code."""
+    model = build_model(spec, num_classes, in_channels)
+    if spec.checkpoint is not None:
+        from distill.train.checkpoint import load_model
+
+        model, _ = load_model(spec.checkpoint, model)
+    return model
 
 
 def _device(train: TrainSpec) -> torch.device:
@@ -207,8 +258,8 @@ def train_model(model: nn.Module, spec: ModelSpec, train: TrainSpec, data: tuple
                # a resumed run's time includes the sessions before it
                "time_s": result.time_s if result.time_s is not None else time.perf_counter() - t0}
     if is_main_process():  # under torchrun one process writes; the others wait, then read the model
-        save_model(run_dir / MODEL_FILE, model, name=spec.name,
-                   kwargs={"num_classes": info["num_classes"], "in_channels": info["in_channels"], **spec.kwargs},
+        sized = {k: info[k] for k in ("num_classes", "in_channels") if info[k] is not None}
+        save_model(run_dir / MODEL_FILE, model, name=spec.name, kwargs={**sized, **spec.kwargs},
                    metadata=metadata)
         atomic_write_json(run_dir / "summary.json", summary)
     barrier()
@@ -358,7 +409,7 @@ def _run_recipe(recipe: Recipe, *, base: Path, progress: bool, resume: bool, see
             eps = float(losses.get("label_smoothing", {}).get("eps", 0.1)) if "label_smoothing" in losses else 0.0
             run_dir = base / f"seed{s}"
             torch.manual_seed(s)
-            model = build_model(recipe.student, info["num_classes"], info["in_channels"])
+            model = build_student(recipe.student, info["num_classes"], info["in_channels"])
             train_model(model, recipe.student, recipe.train, build_data(recipe.data, s), run_dir,
                         label_smoothing=eps, seed=s, progress=progress, resume=resume,
                         fingerprint=recipe_fingerprint(recipe, losses, s), losses=task_losses(losses, info))
@@ -371,7 +422,8 @@ def _run_recipe(recipe: Recipe, *, base: Path, progress: bool, resume: bool, see
     metadata: dict[str, Any] | None = None
     if recipe.teacher is not None:
         t = recipe.teacher
-        teacher_data = build_data(recipe.data.model_copy(update={"train_subset": t.train_subset}), seed=seeds[0])
+        teacher_data = build_data(_teacher_data_spec(recipe.data).model_copy(update={"train_subset": t.train_subset}),
+                                  seed=seeds[0])
         for i, spec, tdir, spec_file, fingerprint, saved in _teachers_trained_here(recipe, base):
             if (tdir / MODEL_FILE).is_file() and saved == fingerprint:
                 teacher_models[i], member_metadata[i] = load_model(tdir / MODEL_FILE, teacher_models[i])
@@ -389,6 +441,10 @@ def _run_recipe(recipe: Recipe, *, base: Path, progress: bool, resume: bool, see
         metadata = _combine_metadata(member_metadata)
         if recipe.strategy is not None:  # a strategy gets the models as they are (it may train them further)
             pass
+        elif len(teacher_models) == 1 and info.get("teacher_beams"):  # LiDAR Distillation: the denser scan
+            from distill.methods.dense3d import BeamTeacher
+
+            teacher = BeamTeacher(teacher_models[0], dtype=dtype, metadata=metadata)
         elif len(teacher_models) == 1:
             teacher = FrozenTeacher(teacher_models[0], dtype=dtype, metadata=metadata)
         else:
@@ -413,7 +469,7 @@ def _run_recipe(recipe: Recipe, *, base: Path, progress: bool, resume: bool, see
         if hasattr(teacher, "prepare_loader"):  # a cached teacher: this seed's loader draws the cached views
             teacher.prepare_loader(train_loader)
         torch.manual_seed(s)
-        student = build_model(recipe.student, info["num_classes"], info["in_channels"])
+        student = build_student(recipe.student, info["num_classes"], info["in_channels"])
         d = make_distiller(student, teacher)
         t0 = time.perf_counter()
         spec = recipe_fingerprint(recipe, losses, s)
@@ -443,6 +499,16 @@ def _run_recipe(recipe: Recipe, *, base: Path, progress: bool, resume: bool, see
         dirs.append(run_dir)
     _report(base, dirs, recipe.name)
     return dirs
+
+
+def _teacher_data_spec(spec: DataSpec) -> DataSpec:
+    """The data an in-run teacher trains on: the recipe's, but with ``data.options.teacher_beams`` the
+    scenes scanned with that many beams (the teacher's input) instead of the student's ``beams``."""
+    options = dict(spec.options)
+    beams = options.pop("teacher_beams", None)
+    if beams is None:
+        return spec
+    return spec.model_copy(update={"options": {**options, "beams": beams}})
 
 
 def _run_strategy(recipe: Recipe, seed: int, run_dir: Path, info: dict[str, Any], teacher: Any, *,
@@ -496,7 +562,7 @@ def _run_strategy(recipe: Recipe, seed: int, run_dir: Path, info: dict[str, Any]
     torch.manual_seed(seed)
 
     def student() -> nn.Module:  # cohorts and generations build fresh students of the recipe's model
-        return build_model(recipe.student, info["num_classes"], info["in_channels"])
+        return build_student(recipe.student, info["num_classes"], info["in_channels"])
 
     t0 = time.perf_counter()
     result = fn(student, train_loader, val_loader, epochs=epochs, run_dir=run_dir, seed=seed, progress=progress,

@@ -28,6 +28,7 @@ from distill.data.sources import (
     register_dataset,
 )
 from distill.data.scenes import SceneLoader, SceneSet, make_scenes  # registers the "*_scenes" data sets
+from distill.data.pointscenes import PointSceneSet, make_point_scenes  # registers "lidar_scenes"
 from distill.data.text import (
     Passage,
     TokenLoader,
@@ -62,6 +63,8 @@ __all__ = [
     "SceneLoader",
     "SceneSet",
     "make_scenes",
+    "PointSceneSet",
+    "make_point_scenes",
     "Passage",
     "TokenLoader",
     "chat_prompts",

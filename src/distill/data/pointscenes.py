@@ -73,6 +73,7 @@ import torch
 from torch import Tensor
 
 from distill.batch import DenseBatch
+from distill.data.sources import register_dataset
 
 __all__ = [
     "BEV_RANGE",
@@ -84,6 +85,7 @@ __all__ = [
     "PointSceneLoader",
     "PointSceneSet",
     "beam_elevations",
+    "lidar_scenes",
     "box_corners",
     "cast_rays",
     "lidar_scan",
@@ -440,6 +442,8 @@ class PointSceneSet:
         self.objects = objects
         self.num_classes = len(CLASSES)
         self.classes = CLASSES
+        self.teacher_scans: PointSceneSet | None = None  # see with_teacher_scans
+        self.teacher_key = "teacher_points"
 
     def __len__(self) -> int:
         return len(self.scenes)
@@ -451,6 +455,14 @@ class PointSceneSet:
         """The same scenes scanned with ``beams`` beams (a subset of every 64-beam scan's points)."""
         return make_point_scenes(len(self), beams=beams, objects=self.objects, seed=self.seed,
                                  lidar=replace(self.lidar, beams=beams), camera=self.camera, progress=False)
+
+    def with_teacher_scans(self, beams: int, key: str = "teacher_points") -> PointSceneSet:
+        """These scenes, whose point batches also carry the same scenes scanned with ``beams`` beams in
+        ``extras[key]`` (padded ``(B, P', 5)``, the :data:`POINT_FEATURES` layout): LiDAR Distillation's
+        teacher input, read by :class:`distill.methods.dense3d.BeamTeacher`. Camera batches carry none."""
+        out = PointSceneSet(self.scenes, self.lidar, self.camera, self.seed, self.objects)
+        out.teacher_scans, out.teacher_key = self.with_beams(beams), key
+        return out
 
     def intrinsics(self) -> Tensor:
         return self.camera.intrinsics()
@@ -478,6 +490,8 @@ class PointSceneSet:
             pts[b, :n, :4] = s.points
             pts[b, :n, 4] = 1.0
             mask[b, :n] = True
+        if self.teacher_scans is not None:  # the same scenes with more beams (with_teacher_scans)
+            extras[self.teacher_key] = self.teacher_scans.collate(idx, "points").inputs
         return DenseBatch(pts, None, index, boxes=boxes, labels=labels, point_mask=mask, extras=extras)
 
     def loader(self, batch_size: int = 8, shuffle: bool = False, seed: int = 0, *, inputs: str = "points",
@@ -551,3 +565,41 @@ def make_point_scenes(n_scenes: int, *, beams: int = 64, objects: tuple[int, int
         if bar is not None:
             bar.stop()
     return PointSceneSet(scenes, lidar, camera, int(seed), (int(objects[0]), int(objects[1])))
+
+
+# --------------------------------------------------------------------------------------------
+# get_dataset("lidar_scenes", ...): the recipes' data set (tasks "bev" and "mono3d")
+# --------------------------------------------------------------------------------------------
+
+LIDAR_SCENES_DEFAULT = {"train": 256, "test": 64}
+"""Scenes per split of ``get_dataset("lidar_scenes")`` when ``n_scenes`` is not given."""
+_SPLIT_SEED = {"train": 0, "test": 1}  # the test scenes are seed + 1's (benchmarks/dense.py's split)
+
+
+def lidar_scenes(root: object, split: str, normalize: bool, *, n_scenes: int | None = None, beams: int = 64,
+                 teacher_beams: int | None = None, objects: tuple[int, int] | list[int] = (3, 8),
+                 seed: int = 0) -> PointSceneSet:
+    """``get_dataset("lidar_scenes", split=..., **options)``: :func:`make_point_scenes` of a split.
+
+    ``split`` ``"train"`` (scenes of ``seed``) or ``"test"`` (``"val"`` is accepted for it; scenes of
+    ``seed + 1``); ``n_scenes`` per split (default :data:`LIDAR_SCENES_DEFAULT`); ``beams`` the scan's
+    beam count; ``teacher_beams``: also put the same scenes scanned with that many beams in every point
+    batch's ``extras["teacher_points"]`` (:meth:`PointSceneSet.with_teacher_scans`; LiDAR Distillation).
+    ``root`` is unused (the scenes are procedural) and nothing is normalised (points are in metres,
+    images in [0, 1], as the models of :mod:`distill.models.pointcloud` and ``mono3d`` expect).
+    """
+    split = "test" if split == "val" else split
+    if split not in _SPLIT_SEED:
+        raise ValueError(f"data set 'lidar_scenes' has splits ['train', 'test'], got {split!r}")
+    if teacher_beams is not None:
+        LidarConfig(beams=teacher_beams)  # a divisor of 64
+        if teacher_beams <= beams:
+            raise ValueError(f"teacher_beams ({teacher_beams}) must be more than beams ({beams}): the teacher sees "
+                             "the denser scan")
+    n = LIDAR_SCENES_DEFAULT[split] if n_scenes is None else n_scenes
+    scenes = make_point_scenes(n, beams=beams, objects=tuple(objects),  # type: ignore[arg-type]
+                               seed=int(seed) + _SPLIT_SEED[split], progress=False)
+    return scenes.with_teacher_scans(teacher_beams) if teacher_beams is not None else scenes
+
+
+register_dataset("lidar_scenes", lidar_scenes)

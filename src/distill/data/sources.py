@@ -425,6 +425,8 @@ def get_dataset(
             ``"mnist_scenes"``, ``"fashion_scenes"``, ``"digits_scenes"``: detection / segmentation
             scenes (:func:`distill.data.scenes.make_scenes`, whose options kwargs pass to), returned as
             a :class:`~distill.data.scenes.SceneSet`, normalised with the train split's statistics.
+            ``"lidar_scenes"``: the 3D point scenes (:func:`distill.data.pointscenes.lidar_scenes`),
+            a :class:`~distill.data.pointscenes.PointSceneSet`, not normalised.
         root: directory of the IDX files. Defaults: mnist → ``$DISTILL_MNIST``, else
             ``../shared/data/mnist`` relative to the working directory; fashion_mnist →
             ``$DISTILL_FASHION_MNIST``, else ``/usr/share/datasets/fashion-mnist``. Ignored by digits.
