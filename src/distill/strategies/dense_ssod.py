@@ -37,7 +37,7 @@ from distill.methods.base import Method, Paper
 from distill.methods.dense_tasks import GFLLoss
 from distill.models.detection import decode_boxes, grid_points, integral
 from distill.strategies.chain import ModelSpec, build_model, check_model_spec
-from distill.strategies.mean_teacher import EMATeacher
+from distill.strategies.mean_teacher import EMATeacher, StepCountedMethod
 from distill.strategies.registry import register_strategy
 from distill.train import distributed as D
 from distill.train.loop import FitResult, fit
@@ -247,7 +247,7 @@ class LabeledOnly(Method):
         return self.inner(view, {}, batch.rows(keep))  # type: ignore[attr-defined]
 
 
-class _UnlabeledDense(Method):
+class _UnlabeledDense(StepCountedMethod):
     """Shared part of the two dense losses: the unlabeled rows' logits and decoded boxes of both
     models, and the burn-in schedule of the weight (0 for ``burn_in_steps`` optimizer steps, then
     a linear ramp to 1 over as many steps: Dense Teacher's ``SUPPRESS='linear'``)."""
@@ -257,19 +257,9 @@ class _UnlabeledDense(Method):
         if isinstance(burn_in_steps, bool) or not isinstance(burn_in_steps, int) or burn_in_steps < 0:
             raise ValueError(f"burn_in_steps must be an int >= 0, got {burn_in_steps!r}")
         self.burn_in_steps = burn_in_steps
-        self.steps = 0
         self.student_taps = ["box_dist"]
         self.teacher_taps = ["box_dist"]
         self.strides: tuple[int, ...] | None = None
-
-    def get_extra_state(self) -> dict[str, int]:
-        return {"steps": self.steps}
-
-    def set_extra_state(self, state: dict[str, int]) -> None:
-        self.steps = int(state["steps"])
-
-    def on_step_end(self) -> None:
-        self.steps += 1
 
     def weight_factor(self) -> float:
         b = self.burn_in_steps

@@ -226,7 +226,25 @@ class MaskedCrossEntropy(Method):
         return DF.masked_cross_entropy(student_view["logits"], batch.targets)
 
 
-class MeanTeacherConsistency(Method):
+class StepCountedMethod(Method):
+    """A method whose weight follows the optimizer steps taken: ``steps`` counts them
+    (:meth:`on_step_end`) and is saved in ``state_dict``, so a resumed run keeps its schedule."""
+
+    def __init__(self, weight: float = 1.0, warmup_epochs: int = 0) -> None:
+        super().__init__(weight=weight, warmup_epochs=warmup_epochs)
+        self.steps = 0
+
+    def get_extra_state(self) -> dict[str, int]:
+        return {"steps": self.steps}
+
+    def set_extra_state(self, state: dict[str, int]) -> None:
+        self.steps = int(state["steps"])
+
+    def on_step_end(self) -> None:
+        self.steps += 1
+
+
+class MeanTeacherConsistency(StepCountedMethod):
     """The mean teacher's consistency cost: squared error between the student's and the (detached)
     teacher's softmaxes, mean over classes and samples (:func:`~distill.functional.softmax_mse_loss`),
     on every sample, labeled or not.
@@ -244,16 +262,6 @@ class MeanTeacherConsistency(Method):
         if isinstance(rampup_steps, bool) or not isinstance(rampup_steps, int) or rampup_steps < 0:
             raise ValueError(f"rampup_steps must be an int >= 0, got {rampup_steps!r}")
         self.rampup_steps = rampup_steps
-        self.steps = 0
-
-    def get_extra_state(self) -> dict[str, int]:
-        return {"steps": self.steps}
-
-    def set_extra_state(self, state: dict[str, int]) -> None:
-        self.steps = int(state["steps"])
-
-    def on_step_end(self) -> None:
-        self.steps += 1
 
     def weight_factor(self) -> float:
         return super().weight_factor() * DF.sigmoid_rampup(self.steps, self.rampup_steps)
