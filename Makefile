@@ -58,11 +58,14 @@ bench-peers: $(PEERS_PY)
 	$(PEERS_PY) -m pip install -q $(PEERS_PINS) -e .
 	$(PEERS_PY) benchmarks/peers.py $(PEERS_ARGS)
 
-# The timm and torchvision model specs against the real packages, in the same environment as bench-peers
-# (where torchvision loads): the tests that skip under `make test` run here. Never part of `make test`.
+# The tests that need timm or torchvision (model specs, the ViT methods on timm's models), in the same
+# environment as bench-peers (where torchvision loads; ~1 min to install from this disk, 5.5 GB): they skip under
+# `make test`, naming why. CI runs this after `make test` (.ci/run); DISTILL_TEST_ENV=vision tells the test
+# session which packages it must find under CI.
+VISION_TESTS ?= tests/test_integrations.py tests/test_vit_models.py tests/test_vit_timm.py
 test-vision: $(PEERS_PY)
 	$(PEERS_PY) -m pip install -q $(PEERS_PINS) timm pytest hypothesis -e .
-	$(PEERS_PY) -m pytest tests/test_integrations.py -rs
+	DISTILL_TEST_ENV=vision $(PEERS_PY) -m pytest -rs $(VISION_TESTS)
 
 # Mutation testing of functional/, methods/ and strategies/ (docs/mutation.md), never part of `make test`:
 # hours on 2 cores. mutmut's settings (files to mutate, the fast test selection) are in pyproject.toml's

@@ -438,6 +438,24 @@ SETUPS: dict[str, tuple[dict, object, dict]] = {
     "lgd": (None, None, {}),
     # tests/test_dense_m3.py (Hungarian-matched DETR outputs: brute force over permutations)
     "detrdistill": (None, None, {}),
+    # DeiT (issue 15): `token: class` reads the logits; both heads and every weight against numpy in tests/test_vit_deit.py
+    "deit": ({"mode": "soft", "token": "class", "T": 2.5, "ce_weight": 0.7, "distill_weight": 0.4,
+              "label_smoothing": 0.2}, None, {"T": 1.5, "ce_weight": 0.2, "distill_weight": 0.9, "label_smoothing": 0.4}),
+    # KD-MVS (issue 15): depth-probability volumes of multi-view scenes, not logits; every term against loops and
+    # closed forms in tests/test_vit_mvs.py
+    "kd_mvs": (None, None, {}),
+    "mvs_self_sup": (None, None, {}),
+    # FD (issue 15): ViT tokens against a teacher's whitened tokens or map; the loss by hand (projector, class token,
+    # non-affine LayerNorm, beta) in tests/test_vit_mim.py
+    "fd": (None, None, {}),
+    # SiT and DearKD (issue 15): slimmed-ViT tokens and a CNN's maps; every term and scale against numpy and hooked
+    # tokens in tests/test_vit_slim.py and tests/test_vit_dearkd.py
+    "sit_distill": (None, None, {}),
+    "dearkd": (None, None, {}),
+    # manifold distillation and ViTKD (issue 15): relations of ViT patch tokens, masked generation; every term,
+    # weight and mask against plain loops in tests/test_vit_manifold.py and tests/test_vitkd.py
+    "manifold_kd": (None, None, {}),
+    "vitkd": (None, None, {}),
 }
 
 TRANSFORMS = {"indexed": lambda s, t, b: (s, t, indexed(b)), "rocket": _rocket, "rotations": _rotations,

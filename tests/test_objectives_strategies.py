@@ -631,6 +631,12 @@ def test_model_compression_student_regresses_or_distils_the_teacher(monkeypatch)
 
 # every registered strategy and the test that checks what its participants minimise on one batch
 CHECKED = {
+    # issue 15: KD-MVS, its three stages on procedural multi-view scenes (each loss by hand in the same file)
+    "kd_mvs": "tests/test_vit_mvs.py::test_kd_mvs_strategy_runs_its_three_stages",
+    # issue 15: masked-image-modelling pre-training (FD, SdAE, DMJD), each objective by hand or by loop
+    "fd": "tests/test_vit_mim.py::test_fd_method_regresses_whitened_teacher_tokens_by_hand",
+    "sdae": "tests/test_vit_mim.py::test_sdae_loss_matches_numpy_cosine",
+    "dmjd": "tests/test_vit_mim.py::test_dmjd_loss_by_loop",
     # issue 14 (M3): semi-supervised detection, the unlabeled terms by hand
     "dense_teacher": "tests/test_dense_m3.py::test_dense_pseudo_label_loss_by_hand",
     "dtg_ssod": "tests/test_dense_m3.py::test_dtg_loss_by_hand",
@@ -642,6 +648,10 @@ CHECKED = {
     "deepinversion_kd": "tests/test_synth_s2a.py::test_deepinversion_objective_against_numpy",
     "adi_kd": "tests/test_synth_s2a.py::test_deepinversion_objective_against_numpy",
     "fast_dfkd": "tests/test_synth_s2a.py::test_fast_meta_loss_and_reptile_update",
+    # issue 15 (V3): DearKD on DeepInversion images; the dearkd objective (both stages) by hand
+    "dearkd_data_free": "tests/test_vit_dearkd.py::test_dearkd_method_by_hand_then_switches_off",
+    # issue 15 (V5): BINGO's six terms by loop, and its method (projector, queue, schedule) by hand
+    "bingo": "tests/test_vit_bingo.py::test_bingo_loss_method_queue_and_schedule",
     "takd": "test_takd_every_stage_minimises_one_minus_lambda_ce_plus_lambda_kd",
     "born_again": "test_born_again_generations_minimise_kd_plus_weighted_ce",  # and the CWTM / DKPP test
     "reskd": "test_reskd_stages",

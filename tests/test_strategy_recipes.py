@@ -50,6 +50,19 @@ NEEDS: dict[str, dict] = {
     "adi_kd": {"teacher": True, "args": {"rounds": 2, "ipc_per_round": 1,
                                          "epochs_per_round": 1, "batch_size": 16, "synth": {"iterations": 2}}},
     "fast_dfkd": {"teacher": True, "args": {"kd_steps": 2, "batch_size": 16}},
+    # issue 15 (V4): label-free ViT pre-training on 8x8 digits (a 4x4 grid of 2x2 patches), then a short linear probe
+    "fd": {"teacher": True, "student": {"name": "vit_tiny_rpb", "kwargs": {"img_size": 8, "patch_size": 2}},
+           "args": {"teacher_tap": "stage2", "probe_epochs": 2}},
+    **{name: {"student": {"name": "vit_tiny", "kwargs": {"img_size": 8, "patch_size": 2}}, "args": {"probe_epochs": 2}}
+       for name in ("sdae", "dmjd")},
+    # issue 15 (V5): BINGO from the digits teacher's bags, a small queue and projector, then a linear probe
+    "bingo": {"teacher": True, "args": {"queue_size": 64, "hidden": 32, "probe": {"epochs": 5}}},
+    # issue 15 (V3): DeepInversion from the digits teacher, then dearkd on a DeiT (4x4 grid of 2x2 patches)
+    "dearkd_data_free": {"teacher": True, "student": {"name": "deit_tiny", "kwargs": {"img_size": 8, "patch_size": 2}},
+                         "args": {"num_classes": 10, "image_shape": [1, 8, 8], "ipc": 2, "batch_size": 16,
+                                  "synth": {"iterations": 2},
+                                  "dearkd": {"pairs": [["blocks.0.attn", "stage1"]], "early_epochs": 1}},
+                         "train": {"optimizer": "adamw", "lr": 0.001}},
     "fedftg": {"args": {"num_clients": 4, "active_fraction": 1.0, "local_epochs": 1, "local_batch_size": 16,
                         "finetune_iterations": 2, "latent_dim": 8}, "train": {"weight_decay": 0.001}},
     # issue 14 (M3): semi-supervised detection on digit scenes with a narrow GFL-style detector
@@ -59,6 +72,7 @@ NEEDS: dict[str, dict] = {
 }
 # strategies not run by this single-process test, each for a stated reason
 PYTHON_ONLY = {
+    "kd_mvs": "multi-view stereo scenes and depth maps, not a digits recipe (tests/test_vit_mvs.py, examples/vit/kd_mvs.py)",
     "codistillation": "one model per process: it needs torchrun with 2+ processes (tests/test_distributed.py)",
     "gkd": "a causal LM on token batches, not a digits recipe (tests/test_gkd.py runs it through fit)",
     # issue 12's language strategies take tasks, frame sequences, token tables or seq2seq models

@@ -105,13 +105,28 @@ class Taps:
         self.module_paths = [p for p in self.paths if p not in self.output_paths]
         self._store: dict[str, Tensor] | None = None
         self._handles: list[Any] = []
+        self._unfused: list[nn.Module] = []
         for path in self.module_paths:
             module = resolve(model, path, model_name=model_name)
+            self._unfuse_parent(model, path)
             _, where = _split(path)
             if where == "input":
                 self._handles.append(module.register_forward_pre_hook(self._pre_hook(path)))
             else:
                 self._handles.append(module.register_forward_hook(self._hook(path)))
+
+    def _unfuse_parent(self, model: nn.Module, path: str) -> None:
+        """timm's attention modules (``fused_attn=True``, the default on recent torch) compute the attention
+        probabilities inside ``F.scaled_dot_product_attention``, so their ``attn_drop`` is never called: a tap
+        on a child of such a module turns its fused path off (same numbers, the explicit softmax), and
+        :meth:`remove` turns it back on."""
+        parent_path = _split(path)[0].rpartition(".")[0]
+        if not parent_path:
+            return
+        parent = model.get_submodule(parent_path)
+        if getattr(parent, "fused_attn", None) is True:
+            parent.fused_attn = False
+            self._unfused.append(parent)
 
     def _hook(self, path: str):
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
@@ -157,6 +172,9 @@ class Taps:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for parent in self._unfused:
+            parent.fused_attn = True
+        self._unfused.clear()
 
 
 class _Recording:

@@ -20,5 +20,9 @@ from distill.models import segmentation  # noqa: F401  (registers seg_teacher / 
 from distill.models import detr  # noqa: F401  (registers detr_teacher / detr_student)
 from distill.models import pointcloud  # noqa: F401  (registers pillars_teacher / pillars_student / pointnet_bev_student)
 from distill.models import mono3d  # noqa: F401  (registers mono_teacher / mono_student, MonoDistill's pair)
+from distill.models import vit  # noqa: F401  (registers vit_tiny / deit_tiny / vit_small, timm-laid-out ViTs)
+from distill.models import vit_relpos  # noqa: F401  (registers vit_tiny_rpb, FD's shared relative position bias)
+from distill.models import slimmed_vit  # noqa: F401  (registers sit_tiny / sit_small, SiT's token-slimmed ViTs)
+from distill.models import mvs  # noqa: F401  (registers mvsnet_teacher / mvsnet_student, KD-MVS's pair)
 
 __all__ = ["CNN", "MLP", "UnknownModelError", "create", "create_model", "list_models", "register_model"]
