@@ -62,7 +62,8 @@ bench-peers: $(PEERS_PY)
 # environment as bench-peers (where torchvision loads; ~1 min to install from this disk, 5.5 GB): they skip under
 # `make test`, naming why. CI runs this after `make test` (.ci/run); DISTILL_TEST_ENV=vision tells the test
 # session which packages it must find under CI.
-VISION_TESTS ?= tests/test_integrations.py tests/test_vit_models.py tests/test_vit_timm.py
+VISION_TESTS ?= tests/test_integrations.py tests/test_vit_models.py tests/test_vit_timm.py \
+                tests/test_vit_deit.py::test_timm_distilled_deit_has_the_same_taps
 test-vision: $(PEERS_PY)
 	$(PEERS_PY) -m pip install -q $(PEERS_PINS) timm pytest hypothesis -e .
 	DISTILL_TEST_ENV=vision $(PEERS_PY) -m pytest -rs $(VISION_TESTS)
