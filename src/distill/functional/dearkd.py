@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distill.functional._precision import fp32
+from distill.functional.vit_deit import deit_hard_loss
 
 __all__ = ["dearkd_feature_active", "dearkd_feature_loss", "dearkd_response_loss"]
 
@@ -57,15 +58,10 @@ def dearkd_response_loss(cls_logits: Tensor, dist_logits: Tensor, targets: Tenso
     ``cls_logits`` (class-token head), ``dist_logits`` (distillation-token head; the class head again
     for a ViT without distillation token), ``teacher_logits``: ``(B, K)``; ``targets``: ``(B,)`` ->
     scalar (means over the batch). Touvron et al., "Training data-efficient image transformers &
-    distillation through attention", ICML 2021, arXiv 2012.12877 (hard distillation).
+    distillation through attention", ICML 2021, arXiv 2012.12877 (hard distillation): DeiT's own
+    :func:`~distill.functional.vit_deit.deit_hard_loss` with its paper weights and no label smoothing.
     """
-    if cls_logits.dim() != 2 or cls_logits.shape != dist_logits.shape or cls_logits.shape != teacher_logits.shape:
-        raise ValueError(f"dearkd_response_loss needs (B, K) logits of equal shapes, got {tuple(cls_logits.shape)}, "
-                         f"{tuple(dist_logits.shape)} and teacher {tuple(teacher_logits.shape)}")
-    if targets.shape != cls_logits.shape[:1]:
-        raise ValueError(f"targets must be (B,) = ({cls_logits.shape[0]},), got {tuple(targets.shape)}")
-    hard = teacher_logits.argmax(dim=1)
-    return 0.5 * F.cross_entropy(fp32(cls_logits), targets) + 0.5 * F.cross_entropy(fp32(dist_logits), hard)
+    return deit_hard_loss(cls_logits, dist_logits, teacher_logits, targets, 0.5, 0.5)
 
 
 def dearkd_feature_active(epoch: int | None, total_epochs: int | None, early_epochs: int | None,
