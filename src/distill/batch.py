@@ -182,11 +182,44 @@ def _token_batch(obj: Mapping[str, Any]) -> TokenBatch:
     return TokenBatch(input_ids.long(), None if labels is None else labels.long(), index, model_kwargs=kwargs)
 
 
+@dataclass
+class GraphBatch(Batch):
+    """A whole graph for full-batch node classification (issue 16's graph distillation).
+
+    Attributes:
+        inputs: node features ``(N, F)``.
+        targets: node labels ``(N,)`` long, ``-100`` where a node carries no label loss (nodes
+            outside the training mask; ``F.cross_entropy`` ignores them), or ``None``.
+        edge_index: edges ``(2, E)`` long, source row first (torch-geometric's convention).
+        mask: the nodes this batch is about ``(N,)`` bool (training nodes in a training batch,
+            validation nodes in an evaluation batch), or ``None`` for all.
+
+    :func:`run_model` calls ``model(inputs, edge_index)``. One graph is one batch: it cannot be
+    split across processes (``part`` raises).
+    """
+
+    edge_index: Tensor | None = None
+    mask: Tensor | None = None
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> GraphBatch:
+        moved = super().to(device, non_blocking)
+        return replace(moved, edge_index=None if self.edge_index is None else self.edge_index.to(device),
+                       mask=None if self.mask is None else self.mask.to(device))
+
+    def part(self, rank: int, world_size: int) -> GraphBatch:
+        if world_size == 1:
+            return self
+        raise ValueError(f"a GraphBatch is one whole graph: it cannot be split over {world_size} processes")
+
+
 def run_model(model: Any, batch: Batch, **extra: Any) -> Any:
-    """Call ``model`` on ``batch``: ``model(batch.inputs)``, or for a :class:`TokenBatch` the
-    Hugging Face way, ``model(input_ids=..., attention_mask=..., **extra)``."""
+    """Call ``model`` on ``batch``: ``model(batch.inputs)``, for a :class:`TokenBatch` the
+    Hugging Face way, ``model(input_ids=..., attention_mask=..., **extra)``, for a
+    :class:`GraphBatch` ``model(inputs, edge_index)``."""
     if isinstance(batch, TokenBatch):
         return model(**batch.model_inputs(), **extra)
+    if isinstance(batch, GraphBatch):
+        return model(batch.inputs, batch.edge_index, **extra)
     return model(batch.inputs, **extra)
 
 

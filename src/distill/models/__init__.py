@@ -24,5 +24,7 @@ from distill.models import vit  # noqa: F401  (registers vit_tiny / deit_tiny / 
 from distill.models import vit_relpos  # noqa: F401  (registers vit_tiny_rpb, FD's shared relative position bias)
 from distill.models import slimmed_vit  # noqa: F401  (registers sit_tiny / sit_small, SiT's token-slimmed ViTs)
 from distill.models import mvs  # noqa: F401  (registers mvsnet_teacher / mvsnet_student, KD-MVS's pair)
+from distill.models import gnn  # noqa: F401  (registers gcn / gat / sage / mlp_graph; torch-geometric is imported when one is built)
+from distill.models import stylegan  # noqa: F401  (registers stylegan_mnist / stylegan_small / stylegan_discriminator)
 
 __all__ = ["CNN", "MLP", "UnknownModelError", "create", "create_model", "list_models", "register_model"]
