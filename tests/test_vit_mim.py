@@ -424,3 +424,54 @@ def test_fd_strategy_keeps_teacher_frozen() -> None:
     r = fd(create("vit_tiny_rpb"), tl, None, teacher=teacher, teacher_tap="stage3", epochs=1, progress=False)
     assert r.pretrain_history[0]["pretrain_loss"] > 0
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+
+
+class _CrashingLoader:
+    """The loader ``inner``, raising on the first batch of epoch ``crash_at`` (a crash mid-training)."""
+
+    def __init__(self, inner: InMemoryLoader, crash_at: int) -> None:
+        self.inner, self.crash_at, self.epoch = inner, crash_at, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.inner.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __iter__(self):
+        if self.epoch == self.crash_at:
+            raise KeyboardInterrupt("simulated crash")
+        return iter(self.inner)
+
+
+@pytest.mark.parametrize("strategy", ["sdae", "dmjd"])
+def test_mim_pretraining_resumes_to_the_uninterrupted_weights(tmp_path, strategy) -> None:
+    from distill.train.rundir import RunFolderError
+
+    run = {"sdae": lambda m, tl, d, **kw: sdae(m, tl, epochs=3, progress=False, run_dir=d, folds=2,
+                                               ema_momentum=0.8, **kw),
+           "dmjd": lambda m, tl, d, **kw: dmjd(m, tl, epochs=3, progress=False, run_dir=d, block=1,
+                                               target="pixels", **kw)}[strategy]
+
+    def fresh():
+        torch.manual_seed(0)
+        return create("vit_tiny")
+
+    whole = run(fresh(), _loaders()[0], str(tmp_path / "whole"))
+    model = fresh()
+    with pytest.raises(KeyboardInterrupt):
+        run(model, _CrashingLoader(_loaders()[0], crash_at=2), str(tmp_path / "crashed"))
+    assert (tmp_path / "crashed" / "pretrain" / "checkpoints" / "last.pt").is_file()
+    with pytest.raises(RunFolderError, match="already holds"):  # never overwritten without resume
+        run(fresh(), _loaders()[0], str(tmp_path / "crashed"))
+    torch.manual_seed(123)  # the global RNG comes back from the checkpoint, whatever it is now
+    resumed = run(fresh(), _loaders()[0], str(tmp_path / "crashed"), resume=True)
+    assert [r["pretrain_loss"] for r in resumed.pretrain_history] == [r["pretrain_loss"] for r in whole.pretrain_history]
+    for key, value in whole.encoder.state_dict().items():
+        assert torch.equal(value, resumed.encoder.state_dict()[key]), key
+    if strategy == "sdae":  # the EMA teacher is saved and restored too
+        for key, value in whole.teacher.state_dict().items():
+            assert torch.equal(value, resumed.teacher.state_dict()[key]), key
+    with pytest.raises(ValueError, match="resume must be True or False"):
+        run(fresh(), _loaders()[0], str(tmp_path / "x"), resume="last.pt")

@@ -24,6 +24,7 @@ import copy
 import math
 import time
 from collections.abc import Callable, Iterable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,8 +39,11 @@ from distill.methods.mim import FD, FD_PAPER
 from distill.methods.base import Paper
 from distill.models.vit import Block, num_prefix_tokens, patch_grid
 from distill.strategies.registry import as_model, register_strategy
+from distill.train.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from distill.train.distributed import dist_info
 from distill.train.loop import FitProgress, FitResult, fit
 from distill.train.probe import finetune, linear_probe
+from distill.train.rundir import open_run_dir
 
 __all__ = ["MIMResult", "MaskedDecoder", "encode_visible", "ema_update_", "sincos_2d", "fd", "sdae", "dmjd"]
 
@@ -60,7 +64,7 @@ DMJD_PAPER = Paper(
 
 # fit's settings that concern where and how a run executes rather than what it optimises: given to the
 # pre-training stage too (the optimiser settings of the recipe's ``train`` are the fine-tuning's)
-_RUN_KEYS = ("device", "amp", "deterministic", "grad_clip", "nan_check_every", "fingerprint", "overwrite")
+_RUN_KEYS = ("device", "amp", "deterministic", "grad_clip", "nan_check_every", "fingerprint", "overwrite", "resume")
 
 
 @dataclass
@@ -203,9 +207,18 @@ def _pretrain(modules: list[nn.Module], loss_fn: Callable[[Tensor, torch.Generat
               loader: Iterable[Any], *, epochs: int, lr: float, weight_decay: float, warmup_epochs: int,
               seed: int, progress: bool, device: torch.device | str | None,
               on_step: Callable[[int, int], None] | None = None,
-              on_epoch: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+              on_epoch: Callable[[int], None] | None = None, run_dir: str | Path | None = None,
+              resume: bool = False, overwrite: bool = False,
+              also_saved: list[nn.Module] | None = None) -> list[dict[str, Any]]:
     """The label-free loop: AdamW (β = 0.9, 0.95: MAE's and SdAE's), warm-up + cosine per step, a
-    progress bar; ``loss_fn(inputs, generator)`` -> scalar. Returns one row per epoch."""
+    progress bar; ``loss_fn(inputs, generator)`` -> scalar. Returns one row per epoch.
+
+    With ``run_dir``, each epoch ends with ``run_dir/checkpoints/last.pt`` (the trained modules and
+    ``also_saved``'s — an EMA teacher —, the optimizer, the step, the masking generator's and the
+    global random states, the history), written atomically; ``resume=True`` continues from it
+    (the run folder rules of :func:`distill.train.rundir.open_run_dir`: a folder with results is
+    never overwritten without ``overwrite``). A resumed run draws the same masks and reaches the
+    same weights as an uninterrupted one (CPU)."""
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
     steps = len(loader)  # type: ignore[arg-type]
@@ -213,11 +226,30 @@ def _pretrain(modules: list[nn.Module], loss_fn: Callable[[Tensor, torch.Generat
         raise ValueError("the training loader yields no batch")
     total, warmup = epochs * steps, warmup_epochs * steps
     generator = torch.Generator().manual_seed(seed)
-    bar = FitProgress(progress, epochs, steps)
+    saved = list(modules) + list(also_saved or [])
+    folder = Path(run_dir) if run_dir is not None else None
+    last = folder / "checkpoints" / "last.pt" if folder is not None else None
+    if resume and folder is None:
+        raise ValueError("resume=True needs run_dir, where the pre-training keeps its checkpoints")
     history: list[dict[str, Any]] = []
-    step = 0
+    step, start = 0, 0
+    stack = ExitStack()
+    bar: FitProgress | None = None
     try:
-        for epoch in range(epochs):
+        open_run_dir(folder, resume=resume, overwrite=overwrite, info=dist_info(), stack=stack, what="pre-training")
+        if resume and last is not None and last.is_file():
+            state = load_checkpoint(last)
+            if len(state["modules"]) != len(saved):
+                raise CheckpointError(f"{str(last)!r} holds {len(state['modules'])} modules, this run trains "
+                                      f"{len(saved)}")
+            for module, module_state in zip(saved, state["modules"], strict=True):
+                module.load_state_dict(module_state)
+            opt.load_state_dict(state["optimizer"])
+            generator.set_state(state["generator"])
+            set_rng_state(state["rng"])
+            step, start, history = int(state["step"]), int(state["epoch"]) + 1, list(state["history"])
+        bar = FitProgress(progress, epochs, steps)
+        for epoch in range(start, epochs):
             if hasattr(loader, "set_epoch"):
                 loader.set_epoch(epoch)
             for m in modules:
@@ -246,8 +278,14 @@ def _pretrain(modules: list[nn.Module], loss_fn: Callable[[Tensor, torch.Generat
                 on_epoch(epoch)
             history.append({"epoch": epoch, "pretrain_loss": running / max(seen, 1),
                             "time_s": time.perf_counter() - t0})
+            if last is not None:
+                save_checkpoint(last, {"epoch": epoch, "step": step, "modules": [m.state_dict() for m in saved],
+                                       "optimizer": opt.state_dict(), "generator": generator.get_state(),
+                                       "rng": rng_state(), "history": history})
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
+        stack.close()
     return history
 
 
@@ -264,8 +302,7 @@ def _evaluate(model: nn.Module, pretrain_history: list[dict[str, Any]], train_lo
         result.last_acc = result.best_acc = result.probe["top1"]
         result.history.append({"epoch": len(pretrain_history), "probe_top1": result.probe["top1"]})
     if finetune_epochs:
-        kwargs = dict(fit_kwargs)
-        kwargs.pop("resume", None)
+        kwargs = dict(fit_kwargs)  # resume / overwrite apply to the fine-tuning's own folder too
         lr = kwargs.pop("lr", 1e-3)
         out = finetune(model, int(getattr(model, "num_classes", 0)) or _classes(train_loader), train_loader,
                        val_loader, epochs=finetune_epochs, lr=lr, seed=seed, progress=progress,
@@ -276,6 +313,12 @@ def _evaluate(model: nn.Module, pretrain_history: list[dict[str, Any]], train_lo
     result.time_s = time.perf_counter() - t0
     result.run_dir = Path(run_dir) if run_dir is not None else None
     return result
+
+
+def _pretrain_run_dir(run_dir: str | None, fit_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The pre-training's folder (``run_dir/pretrain``, as FD's ``fit``) and the run's resume / overwrite."""
+    return {"run_dir": Path(run_dir) / "pretrain" if run_dir is not None else None,
+            "resume": bool(fit_kwargs.get("resume")), "overwrite": bool(fit_kwargs.get("overwrite"))}
 
 
 def _classes(loader: Iterable[Any]) -> int:
@@ -289,8 +332,9 @@ def _common_checks(epochs: Any, probe_epochs: Any, finetune_epochs: Any, fit_kwa
     _int("epochs", epochs, 1)
     _int("probe_epochs", probe_epochs)
     _int("finetune_epochs", finetune_epochs)
-    if fit_kwargs.get("resume"):
-        raise ValueError("resume: the MIM pre-training loops keep no checkpoints; start the run again")
+    if fit_kwargs.get("resume") not in (None, False, True):
+        raise ValueError(f"resume must be True or False (each stage resumes from its own folder under run_dir), "
+                         f"got {fit_kwargs['resume']!r}")
 
 
 # ---------------------------------------------------------------------------------------- FD
@@ -412,7 +456,8 @@ def sdae(student: Any, train_loader: Iterable[Any], val_loader: Iterable[Any] | 
 
     rows = _pretrain([model, decoder], loss_fn, train_loader, epochs=epochs, lr=pretrain_lr,
                      weight_decay=pretrain_weight_decay, warmup_epochs=warmup_epochs, seed=seed, progress=progress,
-                     device=device, on_step=on_step, on_epoch=on_epoch)
+                     device=device, on_step=on_step, on_epoch=on_epoch, also_saved=[teacher],
+                     **_pretrain_run_dir(run_dir, fit_kwargs))
     result = _evaluate(model, rows, train_loader, val_loader, probe_epochs=probe_epochs,
                        finetune_epochs=finetune_epochs, run_dir=run_dir, seed=seed, progress=progress, t0=t0,
                        fit_kwargs=fit_kwargs)
@@ -496,7 +541,7 @@ def dmjd(student: Any, train_loader: Iterable[Any], val_loader: Iterable[Any] | 
 
     rows = _pretrain([model, decoder, visible_head], loss_fn, train_loader, epochs=epochs, lr=pretrain_lr,
                      weight_decay=pretrain_weight_decay, warmup_epochs=warmup_epochs, seed=seed, progress=progress,
-                     device=device)
+                     device=device, **_pretrain_run_dir(run_dir, fit_kwargs))
     return _evaluate(model, rows, train_loader, val_loader, probe_epochs=probe_epochs,
                      finetune_epochs=finetune_epochs, run_dir=run_dir, seed=seed, progress=progress, t0=t0,
                      fit_kwargs=fit_kwargs)
