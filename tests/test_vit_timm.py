@@ -19,8 +19,8 @@ distillation and FD, which also
 accept a CNN's ``(B, C, H, W)`` map, read Swin's stages when ``channels_last`` names the side (the
 shape alone cannot tell the two layouts apart). DeiT runs there with
 ``token="class"`` (the paper's "usual distillation" on the logits), and KD on the logits. The MIM
-strategies (SdAE, DMJD) need the zoo ViT's ``embed`` (position-embedded tokens before the blocks, to
-drop masked tokens): timm's ViT has ``_pos_embed`` instead, and they stop with a TypeError saying so.
+strategies (SdAE, DMJD) drop masked tokens after the position embeddings: on timm's ViT they read
+``norm_pre(_pos_embed(patch_embed(x)))``, what its ``forward_features`` does before the blocks.
 
 Runs only where timm imports (``pip install 'distill[vision]'``); here, in the venv that has it:
 ``/tmp/tvv/bin/python -m pytest tests/test_vit_timm.py``.
@@ -250,14 +250,36 @@ def test_map_methods_read_channels_last_swin_maps_when_told(losses):
         distill.Distiller(timm_swin(), timm_swin(), {name: {**kwargs, "channels_last": ("stud",)}})
 
 
+def test_encode_visible_on_a_timm_vit_is_its_forward_features_when_every_token_is_kept():
+    from distill.strategies.mim import encode_visible
+
+    model = timm_vit().eval()
+    x, _ = batch()
+    keep = torch.arange(49).expand(B, -1)
+    torch.testing.assert_close(encode_visible(model, x, keep), model.forward_features(x))
+    # a subset: the kept tokens alone, through the same blocks (attention sees only them)
+    sub = torch.tensor([[0, 5, 48]] * B)
+    h = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+    tokens = torch.cat([h[:, :1], h[:, 1:][:, [0, 5, 48]]], 1)
+    torch.testing.assert_close(encode_visible(model, x, sub), model.norm(model.blocks(tokens)))
+
+
 @pytest.mark.parametrize("strategy", ["sdae", "dmjd"])
-def test_mim_strategies_name_what_a_timm_vit_lacks(strategy):
+def test_mim_strategies_pretrain_a_timm_vit(strategy):
     from distill.data.loader import InMemoryLoader
     from distill.strategies.registry import strategy_info
 
     x, y = batch()
-    with pytest.raises(TypeError, match="embed"):
-        strategy_info(strategy).fn(timm_vit(), InMemoryLoader(x, y, B), None, epochs=1, progress=False)
+    model = timm_vit()
+    before = model.blocks[0].attn.qkv.weight.clone()
+    extra = {"block": 1, "target": "pixels"} if strategy == "dmjd" else {"folds": 2}
+    r = strategy_info(strategy).fn(model, InMemoryLoader(x, y, B), None, epochs=1, progress=False, **extra)
+    assert math.isfinite(r.pretrain_history[0]["pretrain_loss"])
+    assert not torch.equal(before, model.blocks[0].attn.qkv.weight)
+    with pytest.raises(ValueError, match="patch_drop_rate"):
+        dropping = create("timm:vit_tiny_patch16_224", num_classes=K, in_channels=1, img_size=28, patch_size=4,
+                          embed_dim=64, depth=2, num_heads=4, patch_drop_rate=0.5)
+        strategy_info(strategy).fn(dropping, InMemoryLoader(x, y, B), None, epochs=1, progress=False, **extra)
 
 
 def test_bingo_pretrains_a_timm_vit_from_a_timm_teacher():

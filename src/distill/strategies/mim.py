@@ -14,8 +14,9 @@ Each returns a :class:`MIMResult`: the pre-trained ``encoder`` (the student mode
 in place), the pre-training history, and, when asked (``probe_epochs``, ``finetune_epochs``), the
 linear-probe accuracy (:func:`distill.train.probe.linear_probe`) and the fine-tuning result
 (:func:`distill.train.probe.finetune`), whose accuracies fill ``last_acc`` / ``best_acc``.
-The encoders here are the zoo's ViTs (anything with ``embed``, ``blocks``, ``norm`` and
-``num_prefix_tokens``, :class:`~distill.models.vit.ViT` and its subclasses).
+The encoders are ViTs laid out as the zoo's (:class:`~distill.models.vit.ViT` and its subclasses:
+``embed``, ``blocks``, ``norm``, ``num_prefix_tokens``) or as timm's ``VisionTransformer``
+(``patch_embed`` + ``_pos_embed`` instead of ``embed``; :func:`vit_embed` reads either).
 """
 
 from __future__ import annotations
@@ -85,10 +86,36 @@ class MIMResult(FitResult):
 
 
 def _check_vit(model: nn.Module, who: str) -> None:
-    missing = [a for a in ("embed", "blocks", "norm") if not hasattr(model, a)]
+    has_embed = hasattr(model, "embed") or (hasattr(model, "_pos_embed") and hasattr(model, "patch_embed"))
+    missing = [a for a in ("blocks", "norm") if not hasattr(model, a)] + ([] if has_embed else ["embed"])
     if missing or patch_grid(model) is None:
-        raise TypeError(f"{who}: the encoder must be a zoo ViT (distill.models.vit.ViT: embed, blocks, norm, "
-                        f"patch_embed.grid_size); {type(model).__name__} lacks {missing or ['patch_embed.grid_size']}")
+        raise TypeError(f"{who}: the encoder must be a ViT laid out as the zoo's or timm's VisionTransformer (embed or "
+                        f"patch_embed + _pos_embed, blocks, norm, patch_embed.grid_size); {type(model).__name__} lacks "
+                        f"{missing or ['patch_embed.grid_size']}")
+    drop = getattr(model, "patch_drop", None)
+    if drop is not None and not isinstance(drop, nn.Identity):
+        raise ValueError(f"{who}: the ViT drops patch tokens itself (timm's patch_drop_rate > 0); masked image "
+                         "modelling chooses the visible tokens: build the model with patch_drop_rate=0")
+
+
+def vit_embed(model: nn.Module, inputs: Tensor) -> Tensor:
+    """Prefix + patch tokens with position embeddings, before the blocks, ``(B, P + L, D)``: the zoo
+    ViT's ``embed``, or for timm's ``VisionTransformer`` ``norm_pre(_pos_embed(patch_embed(x)))``
+    (what its ``forward_features`` does before the blocks; ``patch_drop`` is refused by :func:`_check_vit`)."""
+    if hasattr(model, "embed"):
+        return model.embed(inputs)
+    x = model._pos_embed(model.patch_embed(inputs))
+    norm_pre = getattr(model, "norm_pre", None)
+    return norm_pre(x) if norm_pre is not None else x
+
+
+def _patch_size(model: nn.Module) -> int:
+    size = model.patch_embed.patch_size
+    if isinstance(size, (tuple, list)):  # timm keeps (ph, pw)
+        if len(set(size)) != 1:
+            raise ValueError(f"dmjd needs square patches, got patch_size {tuple(size)}")
+        size = size[0]
+    return int(size)
 
 
 def _int(name: str, value: Any, low: int = 0) -> int:
@@ -106,7 +133,7 @@ def _num(name: str, value: Any, low: float, high: float | None = None, strict: b
 
 
 def encode_visible(model: nn.Module, inputs: Tensor, keep: Tensor) -> Tensor:
-    """Run a zoo ViT on the prefix tokens and the patch tokens ``keep`` only (MAE's encoder).
+    """Run a ViT (the zoo's or timm's) on the prefix tokens and the patch tokens ``keep`` only (MAE's encoder).
 
     ``inputs`` (B, C, H, W); ``keep`` (B, K) long patch positions (position embeddings are added
     before the selection, so each token keeps its place). A model with a shared relative position
@@ -114,7 +141,7 @@ def encode_visible(model: nn.Module, inputs: Tensor, keep: Tensor) -> Tensor:
     tokens. Returns the normed tokens ``(B, P + K, D)``, prefix first, patches in ``keep``'s order.
     """
     prefix = num_prefix_tokens(model)
-    h = model.embed(inputs)
+    h = vit_embed(model, inputs)
     patches = torch.gather(h[:, prefix:], 1, keep.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
     x = torch.cat([h[:, :prefix], patches], 1)
     bias = None
@@ -514,7 +541,7 @@ def dmjd(student: Any, train_loader: Iterable[Any], val_loader: Iterable[Any] | 
     grid, prefix = patch_grid(model), num_prefix_tokens(model)
     assert grid is not None
     DF.disjoint_view_masks(1, grid, mask_ratio, views, block)  # checks ratio, views and block before any work
-    patch = int(model.patch_embed.patch_size)
+    patch = _patch_size(model)
     cell = hog_cell if hog_cell is not None else max(patch // 2, 1)
     make_target = _dmjd_targets(target, patch, cell, hog_bins)
     device = fit_kwargs.get("device")
