@@ -409,16 +409,24 @@ def test_ssod_strategies_run_and_the_teacher_follows_the_student(name):
     assert factors == [0, 0, 0, 0, 0, 0.25, 0.5, 0.75, 1, 1]
 
 
-@pytest.mark.parametrize("name", ["dense_teacher", "dtg_ssod"])
-def test_ssod_strategies_refuse_torchrun_before_any_work(name, monkeypatch):
-    from distill.strategies.registry import strategy_info
+def test_ssod_batch_parts_give_every_rank_labelled_and_unlabeled_images():
+    # under torchrun each rank must compute both losses on every step (tests/test_strategies_distributed.py runs
+    # both strategies from recipes on 2 processes); a contiguous split gave rank 0 every labelled image
+    from distill.strategies.dense_ssod import SSODLoader
 
-    sc = _scenes(6)
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "0")
-    with pytest.raises(RuntimeError, match="runs in one process for now"):
-        strategy_info(name).fn(create("gfl_student", width=8), sc.subset(range(2)).loader(2), None, epochs=1,
-                               unlabeled_loader=sc.subset(range(2, 6)).loader(2), progress=False)
+    sc = _scenes(10)
+    batch = next(iter(SSODLoader(sc.subset(range(4)).loader(4), sc.subset(range(4, 10)).loader(6), seed=1)))
+    assert batch.labeled.tolist() == [True] * 4 + [False] * 6
+    parts = [batch.part(r, 2) for r in range(2)]
+    order = [0, 1, 4, 5, 6, 2, 3, 7, 8, 9]  # rank 0: labelled 0-1, unlabeled 4-6; rank 1: labelled 2-3, unlabeled 7-9
+    assert [p.labeled.tolist() for p in parts] == [[True, True, False, False, False]] * 2
+    assert torch.equal(torch.cat([p.inputs for p in parts]), batch.inputs[order])
+    assert torch.equal(torch.cat([p.teacher_inputs for p in parts]), batch.teacher_inputs[order])
+    for got, want in zip([b for p in parts for b in p.boxes], [batch.boxes[i] for i in order]):
+        assert torch.equal(got, want)
+    assert [len(b) for b in parts[1].labels[2:]] == [0, 0, 0]  # unlabeled images carry no boxes
+    with pytest.raises(ValueError, match="4 labelled and 6 unlabeled images cannot be split over 5"):
+        batch.part(0, 5)
 
 
 # ----------------------------------------------------------------------------- recipes (data.task)

@@ -43,8 +43,6 @@ NOT_RUN = {"codistillation": "one model per process by design: tests/test_distri
            **{name: "a data-free loop of its own, single process" for name in ("dfad", "rdskd", "fedftg", "deepinversion_kd", "adi_kd", "fast_dfkd",
                                                                             "dearkd_data_free")},
            "gkd": "a causal LM on token batches, not a digits recipe (tests/test_gkd.py)",
-           # issue 14: semi-supervised detection on scenes refuses torchrun (the ranks' steps do not line up yet)
-           **{name: "refuses torchrun (tests/test_dense_m3.py)" for name in ("dense_teacher", "dtg_ssod")},
            # issue 12's language strategies: Python only (tests/test_strategy_recipes.py's PYTHON_ONLY says why)
            **{name: "Python only, not a digits recipe" for name in (
                "multilingual_kd", "bam", "mtdnn_kd", "dark_knowledge", "embedding_encoding", "seq_kd", "search_kd")}}

@@ -145,14 +145,19 @@ class DenseBatch(Batch):
         if n < world_size:
             raise ValueError(f"a batch of {n} samples cannot be split over {world_size} processes: every rank "
                              "needs at least one sample (use a larger batch)")
-        keep = torch.tensor_split(torch.arange(n), world_size)[rank]
-        start, stop = int(keep[0]), int(keep[-1]) + 1
+        return self.select(torch.tensor_split(torch.arange(n), world_size)[rank])
+
+    def select(self, idx: Tensor) -> DenseBatch:
+        """The samples ``idx`` ``(k,)`` long, in that order: every per-sample field (tensors whose
+        first dimension is B, the per-image lists, ``extras``) picked alike; the rest kept."""
+        n = len(self)
+        rows = idx.tolist()
 
         def each(items: list[Tensor] | None) -> list[Tensor] | None:
-            return None if items is None else list(items[start:stop])
+            return None if items is None else [items[i] for i in rows]
 
         def cut(t: Tensor | None) -> Tensor | None:
-            return t[start:stop] if isinstance(t, Tensor) and t.dim() >= 1 and t.shape[0] == n else t
+            return t[idx.to(t.device)] if isinstance(t, Tensor) and t.dim() >= 1 and t.shape[0] == n else t
 
         return replace(self, inputs=cut(self.inputs), targets=cut(self.targets), index=cut(self.index),
                        mix_targets=cut(self.mix_targets), mix_lam=cut(self.mix_lam), point_mask=cut(self.point_mask),

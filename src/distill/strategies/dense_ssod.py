@@ -86,23 +86,32 @@ class SSODBatch(DenseBatch):
         return replace(moved, teacher_inputs=move(self.teacher_inputs), labeled=move(self.labeled))
 
     def part(self, rank: int, world_size: int) -> SSODBatch:
-        whole = super().part(rank, world_size)
-        keep = torch.tensor_split(torch.arange(len(self)), world_size)[rank]
-        start, stop = int(keep[0]), int(keep[-1]) + 1
-        return replace(whole, teacher_inputs=None if self.teacher_inputs is None else self.teacher_inputs[start:stop],
-                       labeled=None if self.labeled is None else self.labeled[start:stop])
+        """Rank ``rank``'s share of the labelled images and its share of the unlabeled ones (each split
+        in ``world_size`` balanced contiguous runs), so that every rank computes both losses on every
+        step and DDP's gradient reduction lines up; needs ``world_size`` of each kind."""
+        if self.labeled is None:
+            return super().part(rank, world_size)  # type: ignore[return-value]
+        lab, unl = self.labeled.nonzero().flatten(), (~self.labeled).nonzero().flatten()
+        if len(lab) < world_size or len(unl) < world_size:
+            raise ValueError(f"a semi-supervised batch of {len(lab)} labelled and {len(unl)} unlabeled images cannot be "
+                             f"split over {world_size} processes: every rank needs at least one of each (use larger "
+                             "batches of both loaders)")
+        return self.select(torch.cat([torch.tensor_split(lab, world_size)[rank],
+                                      torch.tensor_split(unl, world_size)[rank]]))
+
+    def select(self, idx: Tensor) -> SSODBatch:
+        picked = super().select(idx)
+
+        def cut(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[idx.to(t.device)]
+
+        return replace(picked, teacher_inputs=cut(self.teacher_inputs), labeled=cut(self.labeled))
 
     def rows(self, keep: Tensor) -> DenseBatch:
         """A plain :class:`DenseBatch` of the images where ``keep`` ``(B,)`` bool is true."""
-        idx = keep.nonzero().flatten().tolist()
-
-        def pick(items: list[Tensor] | None) -> list[Tensor] | None:
-            return None if items is None else [items[i] for i in idx]
-
-        return DenseBatch(self.inputs[keep], None if self.targets is None else self.targets[keep],
-                          None if self.index is None else self.index[keep], boxes=pick(self.boxes),
-                          labels=pick(self.labels), instance_masks=pick(self.instance_masks),
-                          extras={k: v[keep] for k, v in self.extras.items()})
+        picked = DenseBatch.select(self, keep.nonzero().flatten())
+        return DenseBatch(picked.inputs, picked.targets, picked.index, boxes=picked.boxes, labels=picked.labels,
+                          instance_masks=picked.instance_masks, extras=picked.extras)
 
 
 def photometric(noise: float = 0.1, contrast: tuple[float, float] = (0.8, 1.2),
@@ -375,9 +384,9 @@ def _run(unsup: _UnlabeledDense, student: ModelSpec, train_loader: Iterable[Any]
     if not 0.0 <= ema_decay <= 1.0:
         raise ValueError(f"ema_decay must be in [0, 1], got {ema_decay}")
     check_model_spec(student, "student")
-    if D.dist_info().enabled:  # before any work: measured under torchrun, the ranks' collectives do not line up
-        raise RuntimeError(f"{unsup.name} runs in one process for now: under torchrun (WORLD_SIZE > 1) its labelled and "
-                           "unlabeled batches are not split so that every rank steps alike; run it without torchrun")
+    if D.dist_info().enabled:
+        # a rank whose pseudo-label loss selects no point leaves the box branch without a gradient on that step
+        fit_kwargs = {"find_unused_parameters": True, **fit_kwargs}
     loader = SSODLoader(train_loader, unlabeled_loader, strong=strong, weak=weak, seed=seed)
     total = epochs * len(loader)
     model = build_model(student, "student")
