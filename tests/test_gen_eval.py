@@ -24,6 +24,7 @@ def _images(n: int, seed: int, shift: float = 0.0) -> torch.Tensor:
     return (torch.rand(n, 1, 16, 16, generator=g) * 0.8 + shift).clamp(0, 1)
 
 
+@pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # ReLU features of an untrained net: a rank-deficient product
 def test_fid_is_the_frechet_distance_of_the_feature_gaussians():
     net = _net()
     real, fake = _images(64, 1), _images(48, 2) * 0.3  # a darker set

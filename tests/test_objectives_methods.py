@@ -456,6 +456,15 @@ SETUPS: dict[str, tuple[dict, object, dict]] = {
     # weight and mask against plain loops in tests/test_vit_manifold.py and tests/test_vitkd.py
     "manifold_kd": (None, None, {}),
     "vitkd": (None, None, {}),
+    # Wavelet KD (issue 16): generated images, not logits; bands and loss against hand Haar in tests/test_gen_wavelet.py
+    "wavelet_kd": (None, None, {}),
+    # graph methods (issue 16): node embeddings and the graph's edges (batch.edge_index), not logits of a digits batch;
+    # LSP against a per-node loop for every kernel, NDR/ADR and HIRE's terms on hand numbers and plain loops in
+    # tests/test_graph_lsp.py, tests/test_graph_self_distill.py and tests/test_graph_hire.py
+    "lsp": (None, None, {}),
+    "gnn_self_distill": (None, None, {}),
+    "hire_node": (None, None, {}),
+    "hire_relation": (None, None, {}),
 }
 
 TRANSFORMS = {"indexed": lambda s, t, b: (s, t, indexed(b)), "rocket": _rocket, "rotations": _rotations,

@@ -686,6 +686,14 @@ CHECKED = {
     "search_kd": "tests/test_lang_b.py::test_search_kd_loss_against_plain_reference",
     "dark_knowledge": "tests/test_lang_a.py::test_dark_knowledge_regimes_use_the_right_targets",
     "embedding_encoding": "tests/test_lang_a.py::test_fit_embedding_encoding_bakes_the_table_and_keeps_teacher_table",
+    "stylegan2_distillation": "tests/test_gen_stylegan2_distillation.py::test_strategy_end_to_end_on_the_stand_in_gan",
+    "darkgan": "tests/test_gen_darkgan.py::test_two_steps_equal_a_plain_rewrite_of_the_paper_losses",
+    "stylekd": "tests/test_gen_stylekd.py::test_generator_loss_terms_match_direct_computation",
+    "self_distilled_stylegan": "tests/test_gen_gan.py::test_truncation_with_psi_zero_gives_the_centres_images",
+    "guided_diffusion_distill": "tests/test_gen_diffusion.py::test_guided_distill_loss_matches_a_plain_reference",
+    "progressive_distill": "tests/test_gen_diffusion.py::test_progressive_loss_matches_a_plain_reference",
+    "graph_free_kd": "tests/test_graph_free.py::test_graph_free_kd_student_loss_is_the_temperature_scaled_kl",
+    "r2l": "tests/test_gen_lightfield.py::test_r2l_loss_value_and_gradient_only_to_student",
 }
 
 

@@ -45,7 +45,11 @@ NOT_RUN = {"codistillation": "one model per process by design: tests/test_distri
            "gkd": "a causal LM on token batches, not a digits recipe (tests/test_gkd.py)",
            # issue 12's language strategies: Python only (tests/test_strategy_recipes.py's PYTHON_ONLY says why)
            **{name: "Python only, not a digits recipe" for name in (
-               "multilingual_kd", "bam", "mtdnn_kd", "dark_knowledge", "embedding_encoding", "seq_kd", "search_kd")}}
+               "multilingual_kd", "bam", "mtdnn_kd", "dark_knowledge", "embedding_encoding", "seq_kd", "search_kd")},
+           # issue 16: GAN, diffusion, light-field and graph loops of their own, single process (PYTHON_ONLY there)
+           **{name: "a generative or graph loop of its own, single process, Python only" for name in (
+               "darkgan", "guided_diffusion_distill", "progressive_distill", "r2l", "self_distilled_stylegan",
+               "stylegan2_distillation", "stylekd", "graph_free_kd")}}
 RUN_KW = {"lr": 0.1, "momentum": 0.9, "schedule": "constant", "progress": False, "device": "cpu", "seed": 0}
 
 

@@ -83,6 +83,22 @@ PYTHON_ONLY = {
     "embedding_encoding": "a teacher's word-embedding table (tests/test_lang_a.py, examples/language/word_embeddings.py)",
     "seq_kd": "a seq2seq model and its tokenizer (tests/test_lang_b.py, examples/language/seq2seq_kd.py)",
     "search_kd": "a seq2seq student exploring its own prefixes (tests/test_lang_b.py)",
+    "stylegan2_distillation": "a teacher GAN and a classifier; generated pairs (tests/test_gen_stylegan2_distillation.py, "
+                             "examples/generative/stylegan2_distillation.py)",
+    "darkgan": "a GAN (generator + discriminator) trained on images with a classifier teacher's soft labels "
+               "(tests/test_gen_darkgan.py, examples/generative/darkgan.py)",
+    "stylekd": "a teacher GAN generator distilled into a narrower generator (tests/test_gen_stylekd.py, "
+               "examples/generative/stylekd.py)",
+    "self_distilled_stylegan": "two GANs trained on a contaminated image set, filtered in between (tests/test_gen_gan.py, "
+                               "examples/generative/self_distilled_stylegan.py)",
+    "guided_diffusion_distill": "a diffusion model distilled into a guidance-conditioned one (tests/test_gen_diffusion.py, "
+                                "examples/generative/diffusion_distill.py)",
+    "progressive_distill": "a diffusion model's DDIM steps halved per round (tests/test_gen_diffusion.py, "
+                           "examples/generative/diffusion_distill.py)",
+    "graph_free_kd": "a GNN teacher and synthetic graphs, node classification on a whole graph, not a digits recipe "
+                     "(tests/test_graph_free.py, examples/graph/graph_free_kd.py)",
+    "r2l": "a NeRF teacher on a rendered 3-D scene and rays, not a digits recipe (tests/test_gen_lightfield.py, "
+           "examples/generative/r2l.py)",
 }
 
 

@@ -26,5 +26,7 @@ from distill.models import slimmed_vit  # noqa: F401  (registers sit_tiny / sit_
 from distill.models import mvs  # noqa: F401  (registers mvsnet_teacher / mvsnet_student, KD-MVS's pair)
 from distill.models import gnn  # noqa: F401  (registers gcn / gat / sage / mlp_graph; torch-geometric is imported when one is built)
 from distill.models import stylegan  # noqa: F401  (registers stylegan_mnist / stylegan_small / stylegan_discriminator)
+from distill.models import hetero_gnn  # noqa: F401  (registers hetero_gnn / hetero_gnn_small, HIRE's pair)
+from distill.models import img2img  # noqa: F401  (registers unet_img2img(_teacher/_student) / patchgan, pix2pix-style)
 
 __all__ = ["CNN", "MLP", "UnknownModelError", "create", "create_model", "list_models", "register_model"]
