@@ -29,6 +29,7 @@ torchmetrics is an optional dependency: ``pip install 'distill[generative]'``.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -185,8 +186,10 @@ def fid_kid(real: Tensor, fake: Tensor, feature_net: FeatureNet, *, kid_subset_s
                          f"({min(len(real), len(fake))} images)")
     feature = _Wrapped(feature_net.eval())
     fid = metrics.FrechetInceptionDistance(feature=feature, normalize=True)
-    kid = kid_module.KernelInceptionDistance(feature=feature, subsets=kid_subsets, subset_size=subset,
-                                             normalize=True)
+    with warnings.catch_warnings():  # it keeps every feature in memory: what KID needs, at 128 floats per image
+        warnings.filterwarnings("ignore", message=".*will save all extracted features in buffer.*")
+        kid = kid_module.KernelInceptionDistance(feature=feature, subsets=kid_subsets, subset_size=subset,
+                                                 normalize=True)
     for is_real, images in ((True, real), (False, fake)):
         for chunk in _batches(images.detach().float().clamp(0, 1).cpu(), batch_size):
             fid.update(chunk, real=is_real)
