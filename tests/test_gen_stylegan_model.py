@@ -17,13 +17,29 @@ def test_modulated_conv_is_a_per_sample_conv_with_scaled_demodulated_weights():
     got = conv(x, w)
     for b in range(2):
         s = conv.affine(w[b])  # (3,)
-        weight = conv.weight * s[None, :, None, None]
+        weight = conv.weight / 27 ** 0.5 * s[None, :, None, None]  # stored at unit scale, used / sqrt(fan_in)
         weight = weight / weight.pow(2).sum(dim=(1, 2, 3), keepdim=True).add(1e-8).sqrt()
         want = F.conv2d(x[b:b + 1], weight, padding=1)
         assert torch.allclose(got[b:b + 1], want, atol=1e-5)
     plain = ModulatedConv2d(3, 2, 1, w_dim=4, demodulate=False)
     s = plain.affine(w[0])
-    assert torch.allclose(plain(x[:1], w[:1]), F.conv2d(x[:1], plain.weight * s[None, :, None, None]), atol=1e-5)
+    assert torch.allclose(plain(x[:1], w[:1]), F.conv2d(x[:1], plain.weight / 3 ** 0.5 * s[None, :, None, None]),
+                          atol=1e-5)
+
+
+def test_equalised_layers_scale_unit_weights_by_one_over_sqrt_fan_in():
+    from distill.models.stylegan import EqualConv2d, EqualLinear
+
+    torch.manual_seed(0)
+    lin, conv = EqualLinear(50, 400, bias_init=0.5), EqualConv2d(4, 300, 3, padding=1)
+    assert abs(float(lin.weight.detach().std()) - 1) < 0.02 and abs(float(conv.weight.detach().std()) - 1) < 0.05  # N(0, 1)
+    assert torch.equal(lin.bias, torch.full((400,), 0.5)) and torch.equal(conv.bias, torch.zeros(300))
+    x = torch.randn(3, 50)
+    assert torch.allclose(lin(x), x @ (lin.weight / 50 ** 0.5).T + 0.5, atol=1e-5)
+    y = torch.randn(2, 4, 5, 5)
+    assert torch.allclose(conv(y), F.conv2d(y, conv.weight / 36 ** 0.5, conv.bias, padding=1), atol=1e-5)
+    # the point: one Adam step (about lr per weight) is the same relative change whatever the fan-in
+    assert lin.gain == pytest.approx(50 ** -0.5)
 
 
 def test_truncation_moves_w_towards_the_average_and_w_avg_tracks_the_mean():

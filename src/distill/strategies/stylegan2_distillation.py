@@ -221,7 +221,8 @@ def teacher_gan(dataset: str = "mnist", classes: tuple[int, ...] | None = (1, 7)
     root = Path(cache_dir) if cache_dir is not None else \
         Path(os.environ.get("DISTILL_CACHE") or Path.home() / ".cache" / "distill") / "gans"
     tag = "all" if classes is None else "-".join(str(c) for c in classes)
-    path = root / f"stylegan-{dataset}-c{tag}-w{width}-s{steps}-b{batch_size}-n{limit}-seed{seed}.safetensors"
+    # "eqlr": the generator with equalised learning rate (files of the first version hold other weight scales)
+    path = root / f"stylegan-eqlr-{dataset}-c{tag}-w{width}-s{steps}-b{batch_size}-n{limit}-seed{seed}.safetensors"
     torch.manual_seed(seed)
     generator = create("stylegan_mnist", width=width)
     ema = create("stylegan_mnist", width=width)
