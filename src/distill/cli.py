@@ -139,6 +139,20 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_auto(args: argparse.Namespace) -> int:
+    from distill.auto import load_auto_spec, run_auto
+
+    spec = load_auto_spec(args.spec)
+    budget = spec.budget.model_copy(update={k: v for k, v in (("minutes", args.minutes), ("trials", args.trials))
+                                            if v is not None})
+    spec = spec.model_copy(update={"budget": budget, **({"jobs": args.jobs} if args.jobs else {})})
+    folder = run_auto(spec, out_dir=args.out, progress=not args.no_progress, resume=args.resume,
+                      overwrite=args.overwrite)
+    print((folder / "pareto.md").read_text())
+    console.print(f"study, trials and the front's recipes: {folder}", highlight=False)
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace, kind: str | None = None) -> int:
     from distill import runner
     from distill.recipes import load_recipe
@@ -365,6 +379,19 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--overwrite", action="store_true", help="replace a synthetic set already in the folder")
     sr.add_argument("--no-progress", action="store_true")
     sr.set_defaults(func=_cmd_synth)
+
+    au = sub.add_parser("auto", help="search methods, hyper-parameters and student sizes under a budget (Optuna): "
+                                     "a Pareto report of accuracy, parameters and latency, a recipe per point")
+    au.add_argument("spec", help="path of a YAML spec of kind 'auto'")
+    au.add_argument("--out", default=None, help="output parent folder (default: the spec's output_dir)")
+    au.add_argument("--minutes", type=float, default=None, help="this session's budget in minutes (overrides the spec)")
+    au.add_argument("--trials", type=int, default=None, help="the study's trials over all sessions (overrides the spec)")
+    au.add_argument("--jobs", type=int, default=None, help="parallel trial processes (overrides the spec)")
+    au_mode = au.add_mutually_exclusive_group()
+    au_mode.add_argument("--resume", action="store_true", help="continue the study in the folder")
+    au_mode.add_argument("--overwrite", action="store_true", help="replace the study in the folder")
+    au.add_argument("--no-progress", action="store_true")
+    au.set_defaults(func=_cmd_auto)
 
     cache = sub.add_parser("cache", help="teacher-output caches: build one from a recipe, inspect one")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)

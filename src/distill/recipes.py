@@ -528,6 +528,8 @@ def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
     """Validate a recipe mapping; raises :class:`RecipeError` listing every bad key."""
     if isinstance(data, dict) and data.get("kind") == "synth":
         raise RecipeError(f"{source} is a synthesis recipe (kind: synth): run it with 'distill synth'")
+    if isinstance(data, dict) and data.get("kind") == "auto":
+        raise RecipeError(f"{source} is a search spec (kind: auto): run it with 'distill auto'")
     recipe = validate_schema(Recipe, data, source)
     try:
         validate_losses(recipe.losses)
