@@ -212,3 +212,24 @@ def test_the_command_line_runs_parallel_workers_on_one_study(tmp_path, capsys):
     # a search spec given to 'distill run' is refused with the command that runs it
     assert main(["run", str(path)]) == 2
     assert "distill auto" in capsys.readouterr().err
+
+
+def test_the_report_keeps_one_point_per_objective_vector_and_lists_its_ties(tmp_path):
+    from distill.auto import _directions, _storage, write_report
+
+    spec = parse_auto_spec(_spec(tmp_path))
+    base = tmp_path / "runs" / spec.name
+    base.mkdir(parents=True)
+    study = optuna.create_study(study_name=spec.name, storage=_storage(base), directions=_directions(spec))
+    label = "mlp(hidden=[8],input_size=8)"
+    dists = {"student": optuna.distributions.CategoricalDistribution([label]),
+             "method": optuna.distributions.CategoricalDistribution(["ce"])}
+    for acc, params in ((90.0, 610), (90.0, 610), (80.0, 610), (95.0, 2410)):
+        study.add_trial(optuna.trial.create_trial(
+            params={"student": label, "method": "ce"}, distributions=dists, values=[acc, params, 0.01],
+            user_attrs={"curve": [acc], "parameters": params, "latency_ms": 0.01, "lr": 0.05, "test_acc": acc,
+                        "losses": {"ce": {"weight": 1.0}}}))
+    front = write_report(spec, base)
+    # trial 2 (80%, 610) is dominated by trial 0; trial 1 ties with trial 0 and is listed with it
+    assert [(f["trial"], f["ties"]) for f in front] == [(3, []), (0, [1])]
+    assert sorted(p.name for p in (base / "pareto").iterdir()) == ["trial0000.yaml", "trial0003.yaml"]

@@ -641,8 +641,13 @@ def write_report(spec: AutoSpec, base: Path) -> list[dict[str, Any]]:
     done = [r for r in records if r["state"] == "complete"]
     keys = {"accuracy": "holdout_acc", "parameters": "parameters", "latency": "latency_ms"}
     points = [tuple(float(r[keys[o]]) for o in spec.objectives) for r in done]
-    front = sorted((done[i] for i in pareto_front(points, _directions(spec))),
-                   key=lambda r: (-r["holdout_acc"], r["parameters"]))
+    # trials with the same objectives are one point of the front: the earliest stands for the others ("ties")
+    point_of: dict[tuple[float, ...], dict[str, Any]] = {}
+    for i in pareto_front(points, _directions(spec)):
+        first = point_of.setdefault(points[i], {**done[i], "ties": []})
+        if first["trial"] != done[i]["trial"]:
+            first["ties"].append(done[i]["trial"])
+    front = sorted(point_of.values(), key=lambda r: (-r["holdout_acc"], r["parameters"]))
     folder = base / "pareto"
     folder.mkdir(exist_ok=True)
     for r in front:
@@ -657,15 +662,15 @@ def write_report(spec: AutoSpec, base: Path) -> list[dict[str, Any]]:
              "(the test accuracy is reported, never used to choose); latency: median forward time of a batch of "
              f"{spec.latency.batch_size} on this machine.", "",
              "| trial | student | parameters | latency (ms) | method | settings | lr | held-out acc (%) | "
-             "test acc (%) | recipe |",
-             "| ---: | :--- | ---: | ---: | :--- | :--- | ---: | ---: | ---: | :--- |"]
+             "test acc (%) | recipe | ties (same objectives) |",
+             "| ---: | :--- | ---: | ---: | :--- | :--- | ---: | ---: | ---: | :--- | :--- |"]
     for r in front:
         m = r["method"]
         settings = "–" if m == "ce" else ", ".join(f"{k}={_fmt(v)}" for k, v in r["losses"][m].items())
         settings += f"; ce={_fmt(r['losses']['ce']['weight'])}"
         lines.append(f"| {r['trial']} | {r['student']} | {r['parameters']:,} | {r['latency_ms']:.3f} | {m} | {settings} | "
                      f"{r['lr']:.3g} | {r['holdout_acc']:.2f} | {r['test_acc']:.2f} | "
-                     f"{Path(r['recipe']).relative_to(base)} |")
+                     f"{Path(r['recipe']).relative_to(base)} | {', '.join(map(str, r['ties'])) or '–'} |")
     atomic_write_text(base / "pareto.md", "\n".join(lines) + "\n")
     _plot(done, front, base / "pareto.png")
     return front
