@@ -426,6 +426,7 @@ def _objective(ctx: _Context, progress: bool) -> Any:
         d.bind_data(len(ctx.fit_loader.targets), ctx.fit_loader.targets)
         d.prepare(next(iter(ctx.fit_loader)))
         curve: list[float] = []
+        t0 = time.perf_counter()
         others = [t.user_attrs.get("curve", []) for t in trial.study.get_trials(deepcopy=False)
                   if t.number != trial.number and t.params.get("student") == s["student"]
                   and t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
@@ -434,6 +435,7 @@ def _objective(ctx: _Context, progress: bool) -> Any:
             acc = float(row["val_student_acc"])
             curve.append(acc)
             trial.set_user_attr("curve", list(curve))
+            trial.set_user_attr("time_s", time.perf_counter() - t0)  # a pruned trial's cost is known too
             if median_prune(acc, len(curve), others, spec.prune):
                 raise optuna.TrialPruned(f"held-out accuracy {acc:.2f}% at epoch {len(curve)} is below the median "
                                          f"of the earlier {s['student']} trials")
@@ -444,7 +446,6 @@ def _objective(ctx: _Context, progress: bool) -> Any:
         trial.set_user_attr("parameters", params)
         trial.set_user_attr("latency_ms", latency)
         run_dir = ctx.base / "trials" / f"trial{trial.number:04d}"
-        t0 = time.perf_counter()
         train = spec.train.model_copy(update={"lr": s["lr"]})
         fit(d, ctx.fit_loader, ctx.holdout_loader, run_dir=run_dir, seed=spec.seed, progress=False,
             eval_teacher=False, on_epoch_end=on_epoch_end, overwrite=True,
