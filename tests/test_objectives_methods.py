@@ -465,6 +465,18 @@ SETUPS: dict[str, tuple[dict, object, dict]] = {
     "gnn_self_distill": (None, None, {}),
     "hire_node": (None, None, {}),
     "hire_relation": (None, None, {}),
+    # issue 17 (B): generalized distillation on the digits logits; Phuong & Lampert's binary objective reads one
+    # logit per sample (B, 1), not a digits batch: by hand and at its gradient-descent limit in tests/test_i17_B_theory.py
+    "generalized_distillation": ({"imitation": 0.3, "T": 2.5}, None, {"imitation": 0.8, "T": 1.5}),
+    "linear_soft_ce": (None, None, {}),
+    # issue 17 (E): binary-weight KT, feature maps through 1x1 convs where the widths differ; hand numbers in
+    # tests/test_i17_E_binary.py
+    "binary_kt": ({"pairs": [("stage2", "stage2"), ("stage3", "stage3")]}, None, {}),
+    # issue 17 (G): DDL reads the pooled embeddings and needs positive pairs (the rotations batch's targets 1,1,1,1,3,...);
+    # every term against numpy in tests/test_i17_G_face.py
+    "ddl": ({"pos_kl_weight": 0.3, "neg_kl_weight": 0.07, "order_weight": 0.9, "sigma": 0.2}, "rotations",
+            {"pos_kl_weight": 0.8, "neg_kl_weight": 0.5, "order_weight": 0.2, "sigma": 0.05}),
+    "neuron_selection": ({"indices": [1, 5, 2]}, None, {"indices": [0, 3, 7]}),
 }
 
 TRANSFORMS = {"indexed": lambda s, t, b: (s, t, indexed(b)), "rocket": _rocket, "rotations": _rotations,

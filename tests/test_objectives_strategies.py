@@ -694,6 +694,52 @@ CHECKED = {
     "progressive_distill": "tests/test_gen_diffusion.py::test_progressive_loss_matches_a_plain_reference",
     "graph_free_kd": "tests/test_graph_free.py::test_graph_free_kd_student_loss_is_the_temperature_scaled_kl",
     "r2l": "tests/test_gen_lightfield.py::test_r2l_loss_value_and_gradient_only_to_student",
+    # issue 17 (A): adversarial KD, each player's step against its objective written out by hand
+    "adversarial_kd": "tests/test_i17_A_adversarial.py::test_adversarial_kd_student_step_is_the_hand_objective",
+    "kdgan": "tests/test_i17_A_adversarial.py::test_kdgan_student_and_teacher_steps_are_the_hand_objectives",
+    "adversarial_imitation": "tests/test_i17_A_adversarial.py::"
+                             "test_adversarial_imitation_student_step_is_the_hand_objective",
+    # issue 17 (D): compression I, each objective written out on one batch in the part's tests
+    "net2net": "tests/test_i17_D_net2net.py::test_net2net_student_minimises_the_label_cross_entropy",
+    "prune_then_distill": "tests/test_i17_D_prune_distill.py::"
+                          "test_one_batch_objectives_of_the_rounds_and_the_distillation",
+    "dissparse": "tests/test_i17_D_dissparse.py::test_one_step_without_the_dean_is_sgd_on_the_written_out_objective",
+    # issue 17 (F): each stage's Distiller on one batch against the papers' formulas; the explanations' fits
+    **{name: "tests/test_i17_F_security.py::"
+             "test_one_batch_objectives_of_defensive_distillation_and_the_nasty_teacher"
+       for name in ("defensive_distillation", "nasty_teacher")},
+    "global_additive_explanation": "tests/test_i17_F_explain.py::"
+                                   "test_additive_explanation_recovers_an_additive_teacher_and_not_a_product",
+    "yasenn": "tests/test_i17_F_explain.py::test_yasenn_partitions_a_threshold_teacher_faithfully",
+    # issue 17 (H): the pilot step against a numpy SGD step on the written-out loss (and the teacher's meta-gradient
+    # against finite differences); a phase's debiased loss term by term; function matching's one-batch KL on the views
+    "metadistil": "tests/test_i17_H_metadistil.py::test_meta_gradient_matches_finite_differences",
+    "d3former": "tests/test_i17_H_incremental.py::"
+                "test_a_phase_loss_is_debiased_ce_plus_feature_and_attention_distillation",
+    "function_matching": "tests/test_i17_H_function_matching.py::test_one_batch_objective_is_the_kl_on_the_two_views",
+    # issue 17 (G): a spy on each stage's SGD loop, its loss against the objective written out by hand
+    "skd_fewshot": "tests/test_i17_G_fewshot.py::test_one_batch_objectives_of_gen0_and_gen1",
+    "ssd_longtail": "tests/test_i17_G_longtail.py::test_one_batch_objectives_of_the_three_stages",
+    # issue 17 (B): the recorded loss of a step that does not move the models against CE + T²·KL written out (cross
+    # quality); the student converging to the teacher's tempered softmax on its own view (generalized distillation);
+    # the feature regression's recorded loss against the L2 written out (supervision transfer)
+    "cross_quality_distillation": "tests/test_i17_B_transfer.py::"
+                                  "test_cross_quality_student_sees_the_degraded_copy_and_teacher_the_clean_image",
+    "generalized_distillation": "tests/test_i17_B_transfer.py::"
+                                "test_generalized_distillation_student_learns_the_tempered_teacher_on_its_own_view",
+    "supervision_transfer": "tests/test_i17_B_transfer.py::"
+                            "test_supervision_transfer_regresses_the_teachers_features_then_fine_tunes",
+    # issue 17 (C): the strategies' objectives on one batch through a spy on the loss (MSDN, KDDAug); cross-lingual
+    # KD's soft cross-entropy at T by hand and the student learning the teacher's labels through the parallel text
+    "msdn": "tests/test_i17_C_transfer.py::test_msdn_objective_is_both_sub_nets_ce_and_calibration_plus_weighted_distillation",
+    "kddaug": "tests/test_i17_C_transfer.py::"
+              "test_kddaug_student_learns_original_labels_and_the_composed_samples_soft_labels",
+    "cross_lingual_distill": "tests/test_i17_C_transfer.py::"
+                             "test_cross_lingual_student_learns_the_teachers_labels_through_the_parallel_corpus",
+    # issue 17 (E): BENN's votes and sample weights replayed with numpy on the members' mistakes; one QuPeD local
+    # iteration (prox, centres, distillation) against a plain replay
+    "benn": "tests/test_i17_E_binary.py::test_benn_boosting_votes_follow_samme_on_the_members_training_mistakes",
+    "quped": "tests/test_i17_E_quped.py::test_one_local_iteration_matches_a_plain_replay",
 }
 
 

@@ -49,7 +49,30 @@ NOT_RUN = {"codistillation": "one model per process by design: tests/test_distri
            # issue 16: GAN, diffusion, light-field and graph loops of their own, single process (PYTHON_ONLY there)
            **{name: "a generative or graph loop of its own, single process, Python only" for name in (
                "darkgan", "guided_diffusion_distill", "progressive_distill", "r2l", "self_distilled_stylegan",
-               "stylegan2_distillation", "stylekd", "graph_free_kd")}}
+               "stylegan2_distillation", "stylekd", "graph_free_kd")},
+           # issue 17 (A): adversarial loops of their own (alternating player updates, no fit, no DDP)
+           **{name: "an adversarial loop of its own, single process (tests/test_i17_A_adversarial.py)" for name in (
+               "adversarial_kd", "kdgan", "adversarial_imitation")},
+           # issue 17 (F): explanations fitted in closed form / by scikit-learn on tabular data, no training loop
+           **{name: "a closed-form or scikit-learn fit on tabular data, no fit loop, Python only "
+                    "(tests/test_i17_F_explain.py)" for name in ("global_additive_explanation", "yasenn")},
+           # issue 17 (E): BENN resamples the whole training set between members and scores boosting's weights on
+           # it in one process; QuPeD simulates its federated clients in one process (tests/test_i17_E_*.py)
+           "benn": "members trained one after another on resampled data, boosting weights on the whole set: one process",
+           "quped": "simulated federated clients, a loop of its own (no fit, no DDP), single process",
+           # issue 17 (D): DDSL's joint ADMM + dean loop is its own (three gradients and a virtual step per batch)
+           "dissparse": "an ADMM-with-meta-gradient loop of its own (no fit, no DDP), single process "
+                        "(tests/test_i17_D_dissparse.py)",
+           # issue 17 (C): loops of their own (transfer_x_common.train_in_memory: no fit, no DDP)
+           **{name: "a single-process loop of its own (tests/test_i17_C_transfer.py)" for name in (
+               "cross_lingual_distill", "msdn", "kddaug")},
+           # issue 17 (G): three-stage / two-generation SGD loops of their own over tensors in memory (no fit, no DDP)
+           **{name: "a single-process loop of its own (tests/test_i17_G_fewshot.py, tests/test_i17_G_longtail.py)"
+              for name in ("skd_fewshot", "ssd_longtail")},
+           # issue 17 (H): MetaDistil's pilot/teacher/student rounds and D3Former's phases are loops of their own
+           # (no fit, no DDP); function_matching goes through fit and runs here under torchrun
+           "metadistil": "a meta-gradient loop of its own, single process (tests/test_i17_H_metadistil.py)",
+           "d3former": "class-incremental phases in a loop of its own, single process (tests/test_i17_H_incremental.py)"}
 RUN_KW = {"lr": 0.1, "momentum": 0.9, "schedule": "constant", "progress": False, "device": "cpu", "seed": 0}
 
 

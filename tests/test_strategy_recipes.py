@@ -69,6 +69,34 @@ NEEDS: dict[str, dict] = {
     **{name: {"labeled": 8, "student": {"name": "gfl_student", "kwargs": {"width": 8}},
               "data": {"name": "digits_scenes", "task": "detection", "train_subset": 16, "batch_size": 8,
                        "options": {"n_scenes": 24}}} for name in ("dense_teacher", "dtg_ssod")},
+    # issue 17 (A): adversarial KD loops on the digits teacher's logits
+    "adversarial_kd": {"teacher": True},
+    "kdgan": {"teacher": True, "train": {"optimizer": "adam", "lr": 0.001, "weight_decay": 0.0}},
+    # issue 17 (H): MetaDistil trains a copy of the digits teacher; D3Former: 2 tasks of 5 digits on a ViT
+    # (a 4x4 grid of 2x2 patches); function matching: the digits teacher on shared crop+flip+mixup views
+    "metadistil": {"teacher": True},
+    "d3former": {"student": {"name": "vit_tiny", "kwargs": {"img_size": 8, "patch_size": 2}},
+                 "args": {"num_tasks": 2, "memory_per_class": 2}, "train": {"optimizer": "adamw", "lr": 0.001}},
+    "function_matching": {"teacher": True},
+    # issue 17 (B): the student sees a degraded / re-rendered view of the digits the teacher sees
+    "generalized_distillation": {"teacher": True, "args": {"regular": "downsample:2", "imitation": 0.5, "T": 2.0}},
+    "cross_quality_distillation": {"teacher": True, "args": {"degradation": "noise:0.3", "T": 2.0}},
+    "supervision_transfer": {"teacher": True, "labeled": 48,
+                             "args": {"student_view": "edges", "adapter": "linear", "transfer_epochs": 1}},
+    # issue 17 (F): the nasty teacher is trained against the recipe's (normal) teacher; a short T for one epoch
+    "nasty_teacher": {"teacher": True, "args": {"nasty_epochs": 1, "tau": 3.0, "omega": 0.05}},
+    "defensive_distillation": {"args": {"T": 20.0, "teacher_epochs": 1}},
+    # issue 17 (E): BENN's members distilled from the digits teacher; QuPeD on 3 Dirichlet clients of the 96 digits
+    "benn": {"teacher": True, "args": {"members": 2, "mode": "boosting", "kd_weight": 0.5}},
+    "quped": {"args": {"num_clients": 3, "local_steps": 2, "batch_size": 16, "eval_every": 1}},
+    # issue 17 (D): Net2Net grows the digits teacher into a wider student (stage1 32 -> 48, stage3 96 -> 128);
+    # prune-then-distill prunes it in 2 rounds of 1 epoch; DDSL prunes the student's channels to half
+    "net2net": {"teacher": True, "student": {"name": "cnn", "kwargs": {"widths": [48, 64, 128], "stem_width": 32,
+                                                                        "blocks": 2}}},
+    "prune_then_distill": {"teacher": True, "args": {"sparsity": 0.36, "prune_epochs": 1}},
+    "dissparse": {"teacher": True, "args": {"keep": 0.5}},
+    # issue 17 (C): KDDAug's ID teacher is the digits teacher, its OOD (logit-adjusted) teacher is trained here
+    "kddaug": {"teacher": True, "args": {"teacher_epochs": 1}},
 }
 # strategies not run by this single-process test, each for a stated reason
 PYTHON_ONLY = {
@@ -99,6 +127,24 @@ PYTHON_ONLY = {
                      "(tests/test_graph_free.py, examples/graph/graph_free_kd.py)",
     "r2l": "a NeRF teacher on a rendered 3-D scene and rays, not a digits recipe (tests/test_gen_lightfield.py, "
            "examples/generative/r2l.py)",
+    # issue 17 (A)
+    "adversarial_imitation": "a token-tagging task (word ids + gold annotations), not a digits recipe "
+                             "(tests/test_i17_A_adversarial.py, examples/adversarial/adversarial_imitation.py)",
+    # issue 17 (F): explanations of a trained teacher on tabular features, fitted in closed form / by scikit-learn
+    "global_additive_explanation": "a spline additive model fitted in closed form to a teacher's logits on tabular "
+                                   "data (tests/test_i17_F_explain.py, examples/explain/additive_explanations.py)",
+    "yasenn": "layer-wise scikit-learn boosted trees on a teacher's activations, tabular data "
+              "(tests/test_i17_F_explain.py, examples/explain/yasenn.py)",
+    # issue 17 (C): a parallel text corpus (two token tensors) and a zero-shot split with attribute vectors
+    "cross_lingual_distill": "a parallel corpus of (source, target) token ids, not a digits recipe "
+                             "(tests/test_i17_C_transfer.py, examples/transfer/cross_lingual.py)",
+    "msdn": "zero-shot learning: seen-class images and every class's attribute vectors, scored by ZSL/GZSL "
+            "(tests/test_i17_C_transfer.py, examples/transfer/msdn_zsl.py)",
+    # issue 17 (G): few-shot episodes on held-out classes; a long-tailed set scored per shot group
+    "skd_fewshot": "base classes trained, N-way K-shot episodes of held-out classes scored on frozen features "
+                   "(tests/test_i17_G_fewshot.py, examples/fewshot/skd_fewshot.py)",
+    "ssd_longtail": "a long-tailed training set, many/medium/few-shot accuracy of a two-head student "
+                    "(tests/test_i17_G_longtail.py, examples/longtail/ssd_longtail.py)",
 }
 
 

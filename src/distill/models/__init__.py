@@ -28,5 +28,6 @@ from distill.models import gnn  # noqa: F401  (registers gcn / gat / sage / mlp_
 from distill.models import stylegan  # noqa: F401  (registers stylegan_mnist / stylegan_small / stylegan_discriminator)
 from distill.models import hetero_gnn  # noqa: F401  (registers hetero_gnn / hetero_gnn_small, HIRE's pair)
 from distill.models import img2img  # noqa: F401  (registers unet_img2img(_teacher/_student) / patchgan, pix2pix-style)
+from distill.models import binary  # noqa: F401  (registers binary_cnn / cnn_digits_teacher_binary; issue 17 E)
 
 __all__ = ["CNN", "MLP", "UnknownModelError", "create", "create_model", "list_models", "register_model"]
