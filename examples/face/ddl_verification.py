@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    root = os.environ.get("DISTILL_MNIST", "/work/shared/data/mnist")
+    # $DISTILL_MNIST, else ../shared/data/mnist beside the repository (as the data sets' default)
+    root = os.environ.get("DISTILL_MNIST") or str(Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist")
     xtr, ytr = load_mnist(root, "train")
     xte, yte = load_mnist(root, "test")
     keep = (ytr <= 5).nonzero().flatten()[:1000 if args.quick else 6000]
