@@ -142,6 +142,8 @@ class AutoSpec(_Strict):
     prune: PruneSpec = Field(default_factory=PruneSpec)
     latency: LatencySpec = Field(default_factory=LatencySpec)
     jobs: int = Field(1, gt=0)
+    # NSGA-II's first generation is random: below `population` trials the search is random sampling
+    population: int = Field(50, ge=2, description="NSGA-II's population (Optuna's default 50)")
     seed: int = Field(0, ge=0)
     output_dir: str = "runs/auto"
 
@@ -558,7 +560,8 @@ def run_auto(spec: AutoSpec, *, out_dir: str | Path | None = None, progress: boo
         # the cache and the latency table are built once, before the trials (and before any worker starts)
         ctx = _Context(spec, base, device, progress)
         study = optuna.create_study(study_name=spec.name, storage=_storage(base), directions=_directions(spec),
-                                    sampler=optuna.samplers.NSGAIISampler(seed=spec.seed) if len(spec.objectives) > 1
+                                    sampler=optuna.samplers.NSGAIISampler(population_size=spec.population, seed=spec.seed)
+                                    if len(spec.objectives) > 1
                                     else optuna.samplers.TPESampler(seed=spec.seed), load_if_exists=True)
         requeued = _stale_trials_requeued(study)
         if requeued:
