@@ -25,7 +25,7 @@ def n_params(model: nn.Module) -> int:
 
 def test_registry_lists_the_builtin_models():
     assert set(TARGETS) | {"cnn", "mlp"} <= set(list_models())
-    assert list_models("cnn_digits_*") == ["cnn_digits_student", "cnn_digits_teacher"]
+    assert list_models("cnn_digits_*") == ["cnn_digits_student", "cnn_digits_teacher", "cnn_digits_teacher_binary"]
     assert create_model is create
 
 
