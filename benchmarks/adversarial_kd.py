@@ -7,7 +7,11 @@ images (30,000: more than any student sees, so the teacher knows more than a stu
 learn); student a one-hidden-layer MLP of 32 units (``mlp``, hidden [32]); every student sees the first
 ``--train`` training images (3,000) for ``--epochs`` passes (KDGAN: 1 cross-entropy pretraining pass + the
 rest in the game); last-epoch top-1 on the first ``--val`` test images, mean ± std over seeds. The runs are
-spread over ``--workers`` single-thread processes.
+spread over ``--workers`` single-thread processes. With ``--out DIR`` the trained teacher is saved there
+(safetensors) and read back by later runs with the same teacher settings instead of being trained again.
+The frozen-teacher rows (KD, adversarial KD and its ablation) read the teacher's logits on the students'
+training and test images from a table computed once (:class:`FrozenLookup`: the same logits, without a
+CNN forward per batch); KDGAN, whose teacher trains, runs the teacher itself. ``--rows`` picks rows.
 
 Every student: Adam lr 1e-3, no weight decay, constant lr, batch 128 (the KDGAN authors' code).
 
@@ -28,6 +32,8 @@ training windows of 24 words), token F1 of the trigger tag on the held-out packa
     python benchmarks/adversarial_kd.py --quick    # 1 seed, teacher 2,000 / students 800 images, 2 epochs;
                                                    # 300 windows, 3 epochs
     python benchmarks/adversarial_kd.py --only image   # the Fashion-MNIST rows alone (--only tagging: the others)
+    python benchmarks/adversarial_kd.py --only image --epochs 20 --out runs/bench_adversarial_kd \
+        --rows alone,kd,akd,akd_l1                     # longer students, teacher saved/reused, KDGAN left out
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -71,6 +78,42 @@ def _fit(losses: dict, teacher: torch.nn.Module | None, train: InMemoryLoader, v
 
 IMAGE_ROWS = ("student alone (CE)", "KD (CE + KD, T=4)", "adversarial_kd (Xu et al.)",
               "adversarial_kd, L1 only (adv 0, aux 0)", "kdgan (Wang et al.)")
+ROW_KEYS = dict(zip(("alone", "kd", "akd", "akd_l1", "kdgan"), IMAGE_ROWS))  # --rows
+
+
+class FrozenLookup(nn.Module):
+    """A frozen teacher whose logits on known images are read from a table.
+
+    ``inputs`` ``(N, 1, 28, 28)`` and ``logits`` ``(N, K)``: the teacher's logits on them, computed once.
+    ``forward(x)`` with ``x`` ``(B, 1, 28, 28)`` returns ``(B, K)``: the stored rows when every image of the
+    batch is one of ``inputs`` (matched by its exact bytes), else ``teacher(x)``. Only for a teacher that
+    does not change (KD, adversarial KD): the logits are the teacher's, less a CNN forward per batch.
+    """
+
+    def __init__(self, teacher: nn.Module, inputs: torch.Tensor, logits: torch.Tensor) -> None:
+        super().__init__()
+        if len(inputs) != len(logits):
+            raise ValueError(f"FrozenLookup: {len(inputs)} inputs but {len(logits)} rows of logits")
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.logits = logits.detach().float()
+        self.index = {k: i for i, k in enumerate(self._keys(inputs))}
+
+    @staticmethod
+    def _keys(x: torch.Tensor) -> list[bytes]:
+        return [r.tobytes() for r in x.detach().reshape(len(x), -1).contiguous().numpy()]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = [self.index.get(k) for k in self._keys(x)]
+        if any(i is None for i in rows):
+            return self.teacher(x)
+        return self.logits[torch.tensor(rows)].clone()
+
+
+def teacher_logits(teacher: nn.Module, inputs: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    """``(N, K)``: the teacher's logits on ``inputs`` ``(N, 1, 28, 28)``, in eval mode, without gradients."""
+    teacher.eval()
+    with torch.no_grad():
+        return torch.cat([teacher(inputs[i:i + batch]) for i in range(0, len(inputs), batch)])
 
 
 def _image_run(job: dict) -> tuple[int, str, float, float]:
@@ -79,15 +122,16 @@ def _image_run(job: dict) -> tuple[int, str, float, float]:
     seed, name, epochs = job["seed"], job["name"], job["epochs"]
     teacher = create("cnn_teacher_mnist")
     teacher.load_state_dict(job["teacher"])
+    frozen = FrozenLookup(teacher, torch.cat([job["x"], job["vx"]]), job["logits"])  # KD / adversarial KD
     train = InMemoryLoader(job["x"], job["y"], 128, seed=seed)
     val = InMemoryLoader(job["vx"], job["vy"], 1000, shuffle=False)
     akd = strategy_info("adversarial_kd").fn
     runs = {
         IMAGE_ROWS[0]: lambda: _fit({"ce": 1.0}, None, train, val, epochs),
-        IMAGE_ROWS[1]: lambda: _fit({"ce": 1.0, "kd": 1.0}, teacher, train, val, epochs),
-        IMAGE_ROWS[2]: lambda: float(akd(_student(), train, val, teacher=teacher, epochs=epochs, seed=seed,
+        IMAGE_ROWS[1]: lambda: _fit({"ce": 1.0, "kd": 1.0}, frozen, train, val, epochs),
+        IMAGE_ROWS[2]: lambda: float(akd(_student(), train, val, teacher=frozen, epochs=epochs, seed=seed,
                                          progress=False, **ADAM).last_acc),
-        IMAGE_ROWS[3]: lambda: float(akd(_student(), train, val, teacher=teacher, epochs=epochs, seed=seed,
+        IMAGE_ROWS[3]: lambda: float(akd(_student(), train, val, teacher=frozen, epochs=epochs, seed=seed,
                                          progress=False, adv_weight=0.0, aux_weight=0.0, **ADAM).last_acc),
         IMAGE_ROWS[4]: lambda: float(strategy_info("kdgan").fn(
             _student(), train, val, teacher=teacher, epochs=epochs - 1, pretrain_epochs=1, seed=seed,
@@ -106,18 +150,42 @@ def image_rows(a: argparse.Namespace) -> tuple[float, list[tuple[str, list[float
     tx, ty = train.inputs[: a.teacher_subset], train.targets[: a.teacher_subset]
     val = InMemoryLoader(vx, vy, 1000, shuffle=False)
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        teacher, t_acc = train_teacher("cnn_teacher_mnist", tx, ty, val, epochs=TEACHER_EPOCHS, batch_size=128,
-                                       run_dir=Path(tmp), fit_args=dict(schedule="cosine", progress=False, **SGD))
-    print(f"  teacher cnn_teacher_mnist: {t_acc:.2f} ({len(tx)} images, {time.perf_counter() - t0:.0f} s)", flush=True)
+    teacher, t_acc, how = image_teacher(a, tx, ty, val)
+    print(f"  teacher cnn_teacher_mnist: {t_acc:.2f} ({len(tx)} images, {how}, {time.perf_counter() - t0:.0f} s)",
+          flush=True)
     state = {k: v.detach().clone() for k, v in teacher.state_dict().items()}
-    jobs = [{"seed": seed, "name": name, "epochs": a.epochs, "teacher": state, "x": x, "y": y, "vx": vx, "vy": vy}
-            for seed in range(a.seeds) for name in IMAGE_ROWS]
+    logits = teacher_logits(teacher, torch.cat([x, vx]))
+    names = [ROW_KEYS[k] for k in a.rows]
+    jobs = [{"seed": seed, "name": name, "epochs": a.epochs, "teacher": state, "logits": logits,
+             "x": x, "y": y, "vx": vx, "vy": vy} for seed in range(a.seeds) for name in names]
     acc: dict[tuple[int, str], float] = {}
     for seed, name, top1, seconds in run_pool(_image_run, jobs, a.workers):
         acc[seed, name] = top1
         print(f"  seed {seed} {name}: {top1:.2f} ({seconds:.0f} s)", flush=True)
-    return t_acc, [(name, [acc[seed, name] for seed in range(a.seeds)]) for name in IMAGE_ROWS]
+    return t_acc, [(name, [acc[seed, name] for seed in range(a.seeds)]) for name in names]
+
+
+def image_teacher(a: argparse.Namespace, tx: torch.Tensor, ty: torch.Tensor,
+                  val: InMemoryLoader) -> tuple[nn.Module, float, str]:
+    """``(teacher, top-1 on val, "trained" | "read from <path>")``: trained on ``tx``/``ty``, or read from
+    ``a.out`` when a run with the same teacher settings saved it there (and saved there when ``a.out`` is set)."""
+    from distill.train.checkpoint import load_model, save_model
+
+    path = None
+    if a.out is not None:
+        path = a.out / f"teacher_cnn_teacher_mnist_n{len(tx)}_e{TEACHER_EPOCHS}_val{a.val}.safetensors"
+        if path.exists():
+            teacher, meta = load_model(path, create("cnn_teacher_mnist"))
+            return teacher, float(meta["test_acc"]), f"read from {path}"
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher, t_acc = train_teacher("cnn_teacher_mnist", tx, ty, val, epochs=TEACHER_EPOCHS, batch_size=128,
+                                       run_dir=Path(tmp), fit_args=dict(schedule="cosine", progress=False, **SGD))
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_model(path, teacher, name="cnn_teacher_mnist",
+                   metadata={"test_acc": t_acc, "epochs": TEACHER_EPOCHS, "images": len(tx), "val": a.val})
+        return teacher, t_acc, f"trained, saved to {path}"
+    return teacher, t_acc, "trained"
 
 
 def tagging_rows(a: argparse.Namespace) -> list[tuple[str, list[float]]]:
@@ -172,8 +240,16 @@ def main() -> None:
     p.add_argument("--teacher-epochs", type=int, default=10, help="the tagging teacher's epochs")
     p.add_argument("--workers", type=int, default=2, help="processes for the Fashion-MNIST runs")
     p.add_argument("--only", choices=("image", "tagging"), default=None, help="run one of the two tables")
+    p.add_argument("--rows", default=",".join(ROW_KEYS),
+                   help=f"comma-separated Fashion-MNIST rows among {', '.join(ROW_KEYS)} (default: all)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder where the image teacher is saved, and read back by later runs with the same settings")
     p.add_argument("--quick", action="store_true")
     a = p.parse_args()
+    a.rows = [k.strip() for k in a.rows.split(",") if k.strip()]
+    bad = [k for k in a.rows if k not in ROW_KEYS]
+    if bad or not a.rows:
+        p.error(f"--rows: unknown row(s) {bad or a.rows}; expected a comma-separated subset of {', '.join(ROW_KEYS)}")
     if a.quick:
         a.seeds, a.train, a.val, a.epochs, a.windows, a.tag_epochs, a.teacher_epochs = 1, 800, 500, 2, 300, 3, 6
     if a.teacher_subset is None:

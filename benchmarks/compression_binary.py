@@ -16,7 +16,7 @@ Three tables, each measuring what its paper claims:
 Usage::
 
     python benchmarks/compression_binary.py --quick            # < 2 min, 1 seed, tiny sizes
-    python benchmarks/compression_binary.py                    # the sizes reported in docs/_parts/17E.md
+    python benchmarks/compression_binary.py                    # the sizes reported in docs/benchmarks.md (issue 17)
     python benchmarks/compression_binary.py --only benn        # one table
 """
 

@@ -84,13 +84,13 @@ class Row:
 
 
 # LSP on the first hidden layer's embedding (embeddings.0, after ReLU) of teacher and student. Kernel, sigma,
-# weight and KD's T were chosen on the validation accuracy of MNIST seed 0 (200 epochs; see docs/_parts/16k1.md):
+# weight and KD's T were chosen on the validation accuracy of MNIST seed 0 (200 epochs; see docs/graph.md):
 # RBF sigma 1 / 3 (weight 1, 10), Laplacian sigma 10 / 100 (weight 1); T 1, 2, 4.
 LSP_KW: dict[str, Any] = {"kernel": "laplacian", "sigma": 10.0, "weight": 1.0}
 KD_T = 2.0
 
 # ---- helper K2's rows: graph-free KD (a BatchNorm teacher: GFKD matches its statistics) and HIRE (its own
-# heterogeneous graph over the same images: hetero_image_graph, same seed). Settings: docs/_parts/16k2.md.
+# heterogeneous graph over the same images: hetero_image_graph, same seed). Settings: docs/graph.md.
 GFKD_KW: dict[str, Any] = {"bn_weight": 1.0, "features": "free"}
 
 
@@ -107,7 +107,7 @@ def _graph_free(c: Context) -> dict[str, Any]:
     from distill.strategies.graph_free_kd import graph_free_kd
 
     student = c.student("gcn")
-    student.dropout = 0.0  # the synthetic features' signal is small; input dropout drowns it (docs/_parts/16k2.md)
+    student.dropout = 0.0  # the synthetic features' signal is small; input dropout drowns it (docs/graph.md)
     r = graph_free_kd(student, None, c.data, teacher=_bn_teacher(c), synthesis_steps=60 if c.quick else 500,
                       epochs=60 if c.quick else 300, seed=c.seed, progress=False, **GFKD_KW)
     return {"val_acc": r.val_acc, "test_acc": r.test_acc}

@@ -20,7 +20,7 @@ Four tables, each measuring what its paper claims:
    distilled from a linear teacher's soft outputs (the closed form, = trained) and of one trained
    on the teacher's hard labels (logistic regression, full-batch gradient descent), on isotropic
    Gaussian data and on data with most mass far from the boundary; the bound
-   min_beta p(beta) + p(pi/2 - beta)^n beside them. Plot: docs/_parts/17B_theory.png.
+   min_beta p(beta) + p(pi/2 - beta)^n beside them. Plot: docs/figures/17B_theory.png.
 
     python benchmarks/transfer_privileged.py --quick      # < 2 min: few repetitions, small sets
     python benchmarks/transfer_privileged.py              # the sizes above
@@ -344,7 +344,7 @@ def main() -> None:
     if "theory" in only:
         print(theory(reps=20 if q else 200, ns=[2, 5, 10, 20] if q else [2, 5, 10, 15, 20, 40, 80], d=10 if q else 20,
                      steps=300 if q else 2000,
-                     plot=None if q else Path(__file__).resolve().parent.parent / "docs" / "_parts" / "17B_theory.png"))
+                     plot=None if q else Path(__file__).resolve().parent.parent / "docs" / "figures" / "17B_theory.png"))
         print()
     if "gd" in only:
         print(gd_synthetic(reps=5 if q else 100, n_te=2000 if q else 10_000, epochs=300 if q else 1000))
