@@ -67,36 +67,41 @@ def binary_weight(w: Tensor) -> Tensor:
     return w + (wb - w).detach()
 
 
-class BinaryConv2d(nn.Conv2d):
+class _BinaryLayer:
+    """What the binary layers share: the ``activations`` switch (binary inputs) and their description."""
+
+    activations: bool
+
+    def _binary_init(self, activations: bool) -> None:
+        self.activations = bool(activations)
+
+    def _inputs(self, x: Tensor) -> Tensor:
+        return sign_ste(x) if self.activations else x
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", binary weights{', binary inputs' if self.activations else ''}"  # type: ignore[misc]
+
+
+class BinaryConv2d(_BinaryLayer, nn.Conv2d):
     """A ``Conv2d`` with binary weights ``alpha * sign(W)`` (and, with ``activations``, binary inputs)."""
 
     def __init__(self, *args, activations: bool = False, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
-        self.activations = bool(activations)
+        self._binary_init(activations)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.activations:
-            x = sign_ste(x)
-        return self._conv_forward(x, binary_weight(self.weight), self.bias)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", binary weights{', binary inputs' if self.activations else ''}"
+        return self._conv_forward(self._inputs(x), binary_weight(self.weight), self.bias)
 
 
-class BinaryLinear(nn.Linear):
+class BinaryLinear(_BinaryLayer, nn.Linear):
     """A ``Linear`` with binary weights ``alpha * sign(W)`` (and, with ``activations``, binary inputs)."""
 
     def __init__(self, *args, activations: bool = False, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
-        self.activations = bool(activations)
+        self._binary_init(activations)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.activations:
-            x = sign_ste(x)
-        return F.linear(x, binary_weight(self.weight), self.bias)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", binary weights{', binary inputs' if self.activations else ''}"
+        return F.linear(self._inputs(x), binary_weight(self.weight), self.bias)
 
 
 def _binary_copy(layer: nn.Module, activations: bool) -> nn.Module:
