@@ -599,7 +599,7 @@ def _run_workers(spec: AutoSpec, base: Path, device: torch.device, deadline: flo
 
 # ------------------------------------------------------------------------------------- the report
 
-def trial_records(spec: AutoSpec, study: Any) -> list[dict[str, Any]]:
+def trial_records(study: Any) -> list[dict[str, Any]]:
     """Every finished (complete or pruned) trial as a plain record."""
     import optuna
 
@@ -640,7 +640,7 @@ def write_report(spec: AutoSpec, base: Path) -> list[dict[str, Any]]:
     import optuna
 
     study = optuna.load_study(study_name=spec.name, storage=_storage(base))
-    records = trial_records(spec, study)
+    records = trial_records(study)
     atomic_write_text(base / "trials.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
     done = [r for r in records if r["state"] == "complete"]
     keys = {"accuracy": "holdout_acc", "parameters": "parameters", "latency": "latency_ms"}
