@@ -9,7 +9,7 @@ hand-picked recipes of the accuracy table (docs/benchmarks.md: cnn_student_mnist
 with KD at T = 4 and with DKD at the paper's α = 1, β = 8, T = 4, warm-up off). One table:
 parameters, latency measured here (median forward of one image), test accuracy mean ± std.
 
-    python benchmarks/auto.py [--trials 24] [--seeds 3] [--out /tmp/auto_bench] [--reuse] [--quick]
+    python benchmarks/auto.py [--trials 24] [--seeds 3] [--population N] [--out /tmp/auto_bench] [--reuse] [--quick]
 
 ``--reuse`` continues the study in ``--out`` (to a larger ``--trials``) instead of starting over.
 ``--quick``: 6 trials of 1 epoch on 600 images, two students, a 1-epoch teacher on 3,000 images, one
@@ -59,6 +59,8 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=24)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--out", default="/tmp/auto_bench")
+    ap.add_argument("--population", type=int, default=None,
+                    help="NSGA-II population (the spec's when omitted); its first generation is random")
     ap.add_argument("--reuse", action="store_true")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
@@ -70,6 +72,8 @@ def main() -> None:
     spec = load_auto_spec(SPEC)
     out = Path(args.out)
     update: dict[str, Any] = {"output_dir": str(out), "budget": spec.budget.model_copy(update={"trials": args.trials})}
+    if args.population is not None:
+        update["population"] = args.population
     if args.quick:
         update.update(budget=spec.budget.model_copy(update={"trials": 6}), students=spec.students[1:3],
                       data=spec.data.model_copy(update={"train_subset": 600}), teacher_train_subset=3000,
@@ -128,7 +132,9 @@ def main() -> None:
              and r[2] <= best_hand[2]]
     print(f"\nbest hand-picked: {best_hand[0]} ({fmt(best_hand[5])}%, {best_hand[2]:,} parameters); front points at "
           f"least as accurate with no more parameters: {', '.join(beats) if beats else 'none'}")
+    print(f"\nNSGA-II population {spec.population} (its first generation is random search)")
     print(f"\ncommand: python benchmarks/auto.py --trials {args.trials} --seeds {args.seeds} --out {args.out}"
+          + (f" --population {args.population}" if args.population is not None else "")
           + (" --quick" if args.quick else ""))
 
 

@@ -98,6 +98,11 @@ def test_every_recipe_validates(path: Path) -> None:
     if is_lm_recipe(path):  # language-model recipes (kind: lm) have a schema of their own
         assert isinstance(load_lm_recipe(path), LMRecipe)
         return
+    from distill.graph_runner import GraphRecipe, is_graph_recipe, load_graph_recipe
+
+    if is_graph_recipe(path):  # graph recipes (kind: graph) have a schema of their own
+        assert isinstance(load_graph_recipe(path), GraphRecipe)
+        return
     from distill.recipes import SynthRecipe, is_synth_recipe, load_synth_recipe, read_recipe_file
 
     if is_synth_recipe(read_recipe_file(path)):  # synthetic-set recipes (kind: synth, 'distill synth') too

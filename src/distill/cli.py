@@ -166,6 +166,10 @@ def _cmd_run(args: argparse.Namespace, kind: str | None = None) -> int:
 
     if is_lm_recipe(args.recipe):
         return _cmd_run_lm(args, kind)
+    from distill.graph_runner import is_graph_recipe
+
+    if is_graph_recipe(args.recipe):
+        return _cmd_run_graph(args, kind)
     recipe = load_recipe(args.recipe)
     if args.logger:  # added to the recipe's train.loggers, then validated like the recipe itself
         from distill.recipes import parse_recipe
@@ -203,6 +207,22 @@ def _cmd_run_lm(args: argparse.Namespace, kind: str | None) -> int:
         return 2
     folder = run_lm_recipe(recipe, out_dir=args.out, progress=not args.no_progress, resume=args.resume,
                            overwrite=args.overwrite, rows=args.rows.split(",") if args.rows else None)
+    console.print(f"run folder: {folder} (report.md, results.json)")
+    return 0
+
+
+def _cmd_run_graph(args: argparse.Namespace, kind: str | None) -> int:
+    """``distill run`` of a graph recipe (``kind: graph``, :mod:`distill.graph_runner`)."""
+    from distill.graph_runner import load_graph_recipe, run_graph_recipe
+
+    recipe = load_graph_recipe(args.recipe)
+    if kind == "train" or args.logger or args.seeds:
+        what = "'distill train'" if kind == "train" else "--logger" if args.logger else "--seeds"
+        err.print(f"[red]error:[/red] {args.recipe} is a graph recipe (kind: graph): {what} does not apply "
+                  "(its seeds are the recipe's seeds)")
+        return 2
+    folder = run_graph_recipe(recipe, out_dir=args.out, progress=not args.no_progress, resume=args.resume,
+                              overwrite=args.overwrite, rows=args.rows.split(",") if args.rows else None)
     console.print(f"run folder: {folder} (report.md, results.json)")
     return 0
 
@@ -350,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="replace the results already in the run folders (they are cleared first); "
                                 "without --resume or --overwrite a run refuses a folder that holds results")
         r.add_argument("--no-progress", action="store_true")
-        r.add_argument("--rows", default=None, help="language-model recipes: only these comma-separated rows of "
+        r.add_argument("--rows", default=None, help="language-model and graph recipes: only these comma-separated rows of "
                                                     "'students' (the others keep their earlier results)")
         r.add_argument("--logger", action="append", default=[], metavar="NAME",
                        help="also log each epoch's metrics to tensorboard (RUN/tensorboard) or mlflow; repeatable")
