@@ -3,7 +3,7 @@ long-tailed Fashion-MNIST.
 
     python benchmarks/face_fewshot_longtail.py --quick        # < 2 min, one seed, small sets
     python benchmarks/face_fewshot_longtail.py                # 3 seeds, larger sets (sized for a shared 2-core CPU)
-    python benchmarks/face_fewshot_longtail.py --only ssd     # one section (ddl, neurons, skd, ssd)
+    python benchmarks/face_fewshot_longtail.py --only ssd     # one section (ddl, ec_kd, neurons, skd, ssd)
 
 * ddl: identities are k-means writing-style clusters within MNIST digits (8 per digit); students train on
   the identities of digits 0-5, verification pairs come from held-out digits 6-9 (MNIST test images). Hard
@@ -11,6 +11,11 @@ long-tailed Fashion-MNIST.
   Teacher: the same CNN trained on clean images. Student: trained with cross-entropy on degraded images;
   + DDL: the teacher's similarity histograms on the clean images distilled into the student's on their
   degraded copies. Reported: LFW-style accuracy and TAR@FAR on degraded-vs-degraded pairs.
+* ec_kd (Wang et al., ECCV 2020): DDL's protocol (identities, degraded student inputs, clean teacher inputs,
+  degraded and clean pairs of held-out identities) with a narrower student CNN (widths 8, 16, 64: the same
+  64-wide embedding as the teacher's, no adapter). Rows: the student by cross-entropy; + feature consistency
+  alone (hardness 0, no exclusivity); + hardness-aware feature consistency alone; + weight exclusivity alone;
+  + EC-KD (both). Method defaults (consistency 1, exclusivity 0.05 over every conv/linear layer, hardness 1).
 * neurons (Luo et al. AAAI 2016): the same identities, clean images; a wide teacher CNN (pooled 64 neurons)
   and a narrow student (pooled 16). Rows: the student by cross-entropy; by KD on soft labels (T = 4); by
   regressing all 64 teacher neurons (through a linear adapter); by regressing the 16 neurons chosen by
@@ -33,6 +38,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -98,7 +104,10 @@ def _pk_epochs(model, x, ids, loss_fn, *, epochs, p, k, lr, seed):
             opt.step()
 
 
-def run_ddl(quick: bool, seeds: list[int]) -> None:
+def verification_protocol(quick: bool) -> tuple[Any, ...]:
+    """DDL's and EC-KD's shared protocol: writing-style identities of MNIST digits 0-5 to train on, verification
+    pairs of held-out digits 6-9 (clean and degraded), and ``score(name, model)`` adding a model's verification
+    metrics (degraded pairs, plus clean-pair accuracy) to ``rows``."""
     root = _mnist_root()
     xtr, ytr = load_mnist(root, "train")
     xte, yte = load_mnist(root, "test")
@@ -111,17 +120,21 @@ def run_ddl(quick: bool, seeds: list[int]) -> None:
     ids_te = cluster_identities(xte, yte, per_class)
     pi, pj, same = verification_pairs(ids_te, 1000 if quick else 2000, seed=123)
     hard_te = degrade(xte, seed=7)
-    n_id = int(ids_tr.max()) + 1
-    epochs = 2 if quick else 3
     rows: dict[str, dict[str, list[float]]] = {}
 
-    def score(name, model):
+    def score(name: str, model: torch.nn.Module) -> None:
         f = F.normalize(tap_features(model, hard_te, "pool"), dim=1)
         m = verification_metrics((f[pi] * f[pj]).sum(1), same)
         fc = F.normalize(tap_features(model, xte, "pool"), dim=1)
         m["clean accuracy"] = verification_metrics((fc[pi] * fc[pj]).sum(1), same)["accuracy"]
         for key, v in m.items():
             rows.setdefault(name, {}).setdefault(key, []).append(v)
+
+    return xtr, ids_tr, int(ids_tr.max()) + 1, (2 if quick else 3), rows, score
+
+
+def run_ddl(quick: bool, seeds: list[int]) -> None:
+    xtr, ids_tr, n_id, epochs, rows, score = verification_protocol(quick)
 
     for seed in seeds:
         hard_tr = degrade(xtr, seed=seed + 100)
@@ -151,6 +164,56 @@ def run_ddl(quick: bool, seeds: list[int]) -> None:
         _pk_epochs(student, xtr, ids_tr, with_ddl, epochs=epochs, p=16, k=4, lr=0.05, seed=seed)
         score("student CE + DDL (degraded; teacher clean)", student)
     _table("DDL: verification of held-out identities (degraded pairs unless 'clean')",
+           ["accuracy", "tar@far=0.01", "tar@far=0.1", "clean accuracy"], rows)
+
+
+# --------------------------------------------------------------------------------------------- EC-KD
+
+
+def run_eckd(quick: bool, seeds: list[int]) -> None:
+    xtr, ids_tr, n_id, epochs, rows, score = verification_protocol(quick)
+
+    variants = {
+        "student CE (degraded images)": None,
+        "+ feature consistency (hardness 0), no exclusivity": dict(hardness=0.0, exclusivity_weight=0.0),
+        "+ hardness-aware feature consistency, no exclusivity": dict(exclusivity_weight=0.0),
+        "+ weight exclusivity alone": dict(consistency_weight=0.0),
+        "+ EC-KD (both)": {},
+    }
+    for seed in seeds:
+        hard_tr = degrade(xtr, seed=seed + 100)
+        torch.manual_seed(seed)
+        teacher = _cnn(n_id)
+        _pk_epochs(teacher, xtr, ids_tr, lambda i: F.cross_entropy(teacher(xtr[i]), ids_tr[i]), epochs=epochs,
+                   p=16, k=4, lr=0.05, seed=seed)
+        teacher.eval().requires_grad_(False)
+        score("teacher (clean images)", teacher)
+        t_taps = Taps(teacher, ["pool"])
+        for name, kw in variants.items():
+            torch.manual_seed(seed + 1)
+            student = create("cnn", num_classes=n_id, in_channels=1, widths=(8, 16, 64))
+            if kw is None:
+                _pk_epochs(student, xtr, ids_tr, lambda i, s=student: F.cross_entropy(s(hard_tr[i]), ids_tr[i]),
+                           epochs=epochs, p=16, k=4, lr=0.05, seed=seed)
+            else:
+                method = create_method("ec_kd", student_model=student, **kw)
+                s_taps = Taps(student, ["pool"])
+                with torch.no_grad(), s_taps.recording() as sv, t_taps.recording() as tv:
+                    student(hard_tr[:4])
+                    teacher(xtr[:4])
+                method.prepare(sv, tv, Batch(hard_tr[:4]))  # equal widths: an identity adapter
+
+                def loss(i, student=student, method=method, s_taps=s_taps):
+                    with t_taps.recording() as tv, torch.no_grad():
+                        teacher(xtr[i])
+                    with s_taps.recording() as sv:
+                        z = student(hard_tr[i])
+                    return F.cross_entropy(z, ids_tr[i]) + method(sv, tv, Batch(hard_tr[i], ids_tr[i]))
+
+                _pk_epochs(student, xtr, ids_tr, loss, epochs=epochs, p=16, k=4, lr=0.05, seed=seed)
+            score(name, student)
+    _table("EC-KD: verification of held-out identities, student CNN (8, 16, 64) on degraded images, teacher "
+           "(16, 32, 64) on clean ones (degraded pairs unless 'clean')",
            ["accuracy", "tar@far=0.01", "tar@far=0.1", "clean accuracy"], rows)
 
 
@@ -312,14 +375,15 @@ def run_ssd(quick: bool, seeds: list[int]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", choices=["ddl", "neurons", "skd", "ssd"], action="append")
+    ap.add_argument("--only", choices=["ddl", "ec_kd", "neurons", "skd", "ssd"], action="append")
     ap.add_argument("--seeds", type=int, default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
     seeds = list(range(args.seeds if args.seeds else (1 if args.quick else 3)))
     print("command: python " + " ".join(shlex.quote(a) for a in [f"benchmarks/{Path(sys.argv[0]).name}",
                                                                    *sys.argv[1:]]))
-    for name, fn in (("ddl", run_ddl), ("neurons", run_neurons), ("skd", run_skd), ("ssd", run_ssd)):
+    for name, fn in (("ddl", run_ddl), ("ec_kd", run_eckd), ("neurons", run_neurons), ("skd", run_skd),
+                     ("ssd", run_ssd)):
         if args.only and name not in args.only:
             continue
         t0 = time.perf_counter()

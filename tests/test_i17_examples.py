@@ -14,8 +14,11 @@ from _examples import run_example_quick
     ("explain/additive_explanations.py", "additive student acc", None),
     ("explain/yasenn.py", "class:", None),
     ("face/ddl_verification.py", "student + DDL on degraded pairs", "mnist"),
+    ("face/ec_kd.py", "student + EC-KD on degraded pairs", "mnist"),
+    ("compression/reskd_search.py", "sample-adaptive (max prob >= 0.9 stops)", None),
     ("fewshot/skd_fewshot.py", "Gen-1: 5-way 5-shot", "fashion_mnist"),
     ("longtail/ssd_longtail.py", "soft head: overall", "fashion_mnist"),
+    ("transfer/knowledge_projection.py", "knowledge projection:", "fashion_mnist"),
     ("transfer/cross_lingual.py", "target student distilled on parallel text", None),
     ("transfer/msdn_zsl.py", "lambda_distill=0.001: ZSL", "fashion_mnist"),
 ])

@@ -477,6 +477,13 @@ SETUPS: dict[str, tuple[dict, object, dict]] = {
     "ddl": ({"pos_kl_weight": 0.3, "neg_kl_weight": 0.07, "order_weight": 0.9, "sigma": 0.2}, "rotations",
             {"pos_kl_weight": 0.8, "neg_kl_weight": 0.5, "order_weight": 0.2, "sigma": 0.05}),
     "neuron_selection": ({"indices": [1, 5, 2]}, None, {"indices": [0, 3, 7]}),
+    # issue 17: grid-level ICKD on dense maps; numpy loops and a hand case in tests/test_i17_ickd_grid.py
+    "ickd_grid": (None, None, {}),
+    # issue 17: EC-KD's exclusivity reads the bound student's weights (a Linear here); hand and numpy numbers in
+    # tests/test_i17_eckd.py
+    "ec_kd": ({"consistency_weight": 0.7, "exclusivity_weight": 0.3, "hardness": 2.0,
+               "student_model": torch.nn.Linear(5, 4)}, None,
+              {"consistency_weight": 1.3, "exclusivity_weight": 0.9, "hardness": 0.5}),
 }
 
 TRANSFORMS = {"indexed": lambda s, t, b: (s, t, indexed(b)), "rocket": _rocket, "rotations": _rotations,

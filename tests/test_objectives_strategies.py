@@ -172,6 +172,29 @@ def test_reskd_stages(monkeypatch):
     same_objective(d1(b).total, want, d1.student.parameters())
 
 
+def test_reskd_search_stages(monkeypatch):
+    """reskd_search (Li et al. 2021, searched res-students): stage 0 as reskd's, (1 - lambda) CE + lambda KD;
+    each trial regresses the summed logits on the teacher's, 1/(2B) sum ||s - t||^2, plus ce_weight CE."""
+    from distill.strategies.reskd_search import reskd_search
+    seen = spy_fit(monkeypatch, chain_mod)
+    torch.manual_seed(0)
+    teacher = mlp(32)
+    reskd_search(lambda: mlp(8), loader(), loader(), epochs=1, teacher=teacher, family=[lambda: mlp(4)], T=2.5,
+                 kd_weight=0.3, ce_weight=0.6, min_gain=-100.0, max_stages=1, **QUIET)
+    assert len(seen) == 2
+    b = batch()
+    d0, d1 = seen
+    for part in d1.student.parts:  # the delivered chain is frozen: let the gradients be compared
+        part.requires_grad_(True)
+    s0 = d0.student(b.inputs)
+    t = teacher_logits(d0, b.inputs)
+    same_objective(d0(b).total, 0.7 * ce(s0, b.targets) + 0.3 * kd(s0, t, 2.5), d0.student.parameters())
+    d1.student.parts[0].requires_grad_(False)  # the trial's stage: the chain before it is frozen
+    s1 = d1.student(b.inputs)
+    want = (s1.double() - t.double()).pow(2).sum() / (2 * B) + 0.6 * ce(s1, b.targets)
+    same_objective(d1(b).total, want, d1.student.parameters())
+
+
 def test_pro_kd_student_follows_the_annealed_temperature(monkeypatch, tmp_path):
     """Rezagholizadeh et al. 2022: (1 - lambda) CE + lambda T_e^2 KL at the epoch's temperature, T falling
     linearly from T_max (first epoch) to T_min (last), towards the teacher's checkpoint of that epoch."""
@@ -633,6 +656,8 @@ def test_model_compression_student_regresses_or_distils_the_teacher(monkeypatch)
 CHECKED = {
     # issue 15: KD-MVS, its three stages on procedural multi-view scenes (each loss by hand in the same file)
     "kd_mvs": "tests/test_vit_mvs.py::test_kd_mvs_strategy_runs_its_three_stages",
+    # issue 17: knowledge projection's injection, schedules and pair search (each term by numpy in the same file)
+    "knowledge_projection": "tests/test_i17_knowledge_projection.py::test_one_batch_objective_through_the_distiller",
     # issue 15: masked-image-modelling pre-training (FD, SdAE, DMJD), each objective by hand or by loop
     "fd": "tests/test_vit_mim.py::test_fd_method_regresses_whitened_teacher_tokens_by_hand",
     "sdae": "tests/test_vit_mim.py::test_sdae_loss_matches_numpy_cosine",
@@ -655,6 +680,7 @@ CHECKED = {
     "takd": "test_takd_every_stage_minimises_one_minus_lambda_ce_plus_lambda_kd",
     "born_again": "test_born_again_generations_minimise_kd_plus_weighted_ce",  # and the CWTM / DKPP test
     "reskd": "test_reskd_stages",
+    "reskd_search": "test_reskd_search_stages",
     "pro_kd": "test_pro_kd_student_follows_the_annealed_temperature",
     "byot": "test_byot_and_msd_minimise_their_papers_objectives",
     "msd": "test_byot_and_msd_minimise_their_papers_objectives",

@@ -23,6 +23,8 @@ NEEDS: dict[str, dict] = {
     "born_again": {"args": {"generations": 2}},
     "pro_kd": {"teacher": True, "args": {"teacher_epochs": 1}},
     "reskd": {"teacher": True, "args": {"res_students": [{"name": "mlp_digits_student", "num_classes": 10}]}},
+    "knowledge_projection": {"teacher": True},
+    "reskd_search": {"teacher": True, "args": {"family": [{"name": "cnn", "widths": [2, 2, 2], "num_classes": 10}]}},
     "takd": {"teacher": True, "args": {"assistants": [{"name": "cnn_digits_student", "num_classes": 10}]}},
     "cmm": {"teacher": True},
     "model_compression": {"teacher": True},

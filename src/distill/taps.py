@@ -17,6 +17,7 @@ import difflib
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from distill.batch import Batch, run_model
@@ -217,6 +218,24 @@ def run_tapped(model: nn.Module, batch: Batch, taps: Taps | None, **extra: Any) 
     if taps.output_paths:
         store.update(taps.read_outputs(output))
     return output, store
+
+
+def record_in_eval(model: nn.Module, paths: Iterable[str], example: Tensor, *,
+                   model_name: str = "model") -> dict[str, Tensor]:
+    """The outputs of the modules at ``paths`` for one forward of ``model`` on ``example`` in eval mode and
+    without gradients (to size adapters and masks before training); every module's own mode is restored
+    after (a user may have frozen BatchNorm), and the hooks are removed."""
+    taps = Taps(model, paths, model_name=model_name)
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad(), taps.recording() as store:
+            model(example)
+    finally:
+        taps.remove()
+        for m, mode in modes.items():
+            m.training = mode
+    return store
 
 
 def lm_body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:

@@ -1095,8 +1095,8 @@ def ickd_loss(student: Tensor, teacher: Tensor) -> Tensor:
 
     Paper: Liu, Huang, Lin, Xie, Wang, Chang, Liang, "Exploring Inter-Channel Correlation for
     Diversity-preserved Knowledge Distillation", ICCV 2021, arXiv 2202.03680 (the 1/c² mean over
-    the c×c entries; the paper's grid-level variant for dense prediction splits large maps into
-    patches first and is not implemented). The official code (ADLab-AutoDrive/ICKD,
+    the c×c entries; the paper's grid-level variant for dense prediction, which splits large maps
+    into cells first, is :func:`distill.functional.ickd_grid.ickd_grid_loss`). The official code (ADLab-AutoDrive/ICKD,
     ``ICKDLoss``) row-normalises G as here but divides the batch sum by c·B instead of c²·B,
     i.e. its loss is c times this one, with weight β = 2.5 on CIFAR-100 (weight 2.5·c here to
     reproduce its scale).

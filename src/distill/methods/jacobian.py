@@ -205,9 +205,13 @@ class KnowledgeProjection(Method):
     integer factor ``k`` the 1x1 convolution has stride ``k``. The teacher feature is detached:
     only ``W_p`` and the student receive gradients.
 
-    Not done here (the training loop's or the user's job): the paper also *injects* the
-    projected teacher feature into the student's upper layers during training and picks the
-    teacher/student layer pair by an iterative search, decaying the projection loss's weight.
+    Not done here: the paper also *injects* the projected teacher feature into the student's
+    upper layers during training, picks the teacher/student layer pair by a search on a joint
+    loss and decays the projection loss's weight. The strategy ``knowledge_projection``
+    (:func:`distill.strategies.knowledge_projection.fit_knowledge_projection`) does all three
+    around this projection. Used alone at weight 1 on this per-sample sum, the loss can collapse:
+    ``W_p`` and the student layer meet at 0 (ReLU output 0), which carries nothing upwards; an
+    element-mean weight (1 / (C·H·W)) avoids it (the strategy's injection alone does not).
     """
 
     requires_prepare = True

@@ -38,7 +38,6 @@ import copy
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -58,11 +57,10 @@ from distill.strategies.chain import (
     check_model_spec,
 )
 from distill.strategies.registry import register_strategy
-from distill.taps import TapError, Taps, logits_of, resolve
+from distill.strategies.student_alone import fit_evaluating_student_alone
+from distill.taps import TapError, logits_of, record_in_eval, resolve
 from distill.teachers import FrozenTeacher
-from distill.train.distributed import is_main_process
-from distill.train.evaluate import evaluate
-from distill.train.loop import EpochLog, FitResult, fit
+from distill.train.loop import FitResult
 
 __all__ = ["FlowDependency", "FlowKL", "KnowledgeFlowNet", "KnowledgeFlowResult", "fit_knowledge_flow"]
 
@@ -140,16 +138,7 @@ class KnowledgeFlowNet(nn.Module):
         self.attach()
 
     def _own_outputs(self, example: Tensor) -> list[Tensor]:
-        taps = Taps(self.student, self.layers, model_name="student")
-        modes = {m: m.training for m in self.student.modules()}
-        self.student.eval()
-        try:
-            with torch.no_grad(), taps.recording() as store:
-                self.student(example)
-        finally:
-            taps.remove()
-            for m, mode in modes.items():
-                m.training = mode
+        store = record_in_eval(self.student, self.layers, example, model_name="student")
         return [store[p] for p in self.layers]
 
     def attach(self) -> None:
@@ -407,23 +396,8 @@ def fit_knowledge_flow(
         raise ValueError(f"knowledge flow: {e}") from None
     distiller = Distiller(net, None, {"ce": 1.0, "flow_kl": FlowKL(weight=kl_weight), "flow_dependency": dependency})
 
-    kwargs = dict(fit_kwargs)
-    user_callback = kwargs.pop("on_epoch_end", None)
-    alone: list[float] = []
-
-    def on_epoch_end(row: dict[str, Any]) -> None:
-        if val_loader is not None:
-            device = next(model.parameters()).device
-            acc = evaluate(SimpleNamespace(student=model), val_loader, device, with_teacher=False)["student_acc"]
-            row["val_independent_acc"] = acc  # the row is the one fit keeps in its history
-            alone.append(acc)
-        if user_callback is not None:
-            user_callback(row)
-
-    result = fit(distiller, train_loader, val_loader, epochs=epochs, run_dir=run_dir, seed=seed, progress=progress,
-                 on_epoch_end=on_epoch_end, **kwargs)
-    # fit logged each row before on_epoch_end added the student-alone accuracy: write them again, complete
-    EpochLog(result, run_dir, write=is_main_process()).begin()
+    result, alone = fit_evaluating_student_alone(distiller, model, train_loader, val_loader, epochs=epochs,
+                                                 run_dir=run_dir, seed=seed, progress=progress, **fit_kwargs)
     weights = net.weights().detach().cpu().tolist()
     net.detach()
     out = KnowledgeFlowResult(history=result.history, run_dir=result.run_dir, flow_best_acc=result.best_acc,
