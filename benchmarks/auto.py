@@ -9,7 +9,7 @@ hand-picked recipes of the accuracy table (docs/benchmarks.md: cnn_student_mnist
 with KD at T = 4 and with DKD at the paper's α = 1, β = 8, T = 4, warm-up off). One table:
 parameters, latency measured here (median forward of one image), test accuracy mean ± std.
 
-    python benchmarks/auto.py [--trials 24] [--seeds 3] [--population N] [--out /tmp/auto_bench] [--reuse] [--quick]
+    python benchmarks/auto.py [--trials 48] [--seeds 3] [--population N] [--out /tmp/auto_bench] [--reuse] [--quick]
 
 ``--reuse`` continues the study in ``--out`` (to a larger ``--trials``) instead of starting over.
 ``--quick``: 6 trials of 1 epoch on 600 images, two students, a 1-epoch teacher on 3,000 images, one
@@ -56,7 +56,7 @@ def run_one(name: str, recipe: dict[str, Any], seeds: list[int], out: Path) -> l
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--trials", type=int, default=24)
+    ap.add_argument("--trials", type=int, default=48)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--out", default="/tmp/auto_bench")
     ap.add_argument("--population", type=int, default=None,
