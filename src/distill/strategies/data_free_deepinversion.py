@@ -20,6 +20,7 @@ paper's own KD settings could not be read here.
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from distill.synthesis.deepinversion import (
     deepinversion,
 )
 from distill.train.loop import FitResult, fit
+from distill.train.schedules import Schedule, make_optimizer
 
 __all__ = ["DataFreeResult", "fit_adi_kd", "fit_deepinversion_kd", "kd_on_synthetic"]
 
@@ -58,6 +60,30 @@ def _check_teacher(teacher: Any) -> nn.Module:
     if not isinstance(teacher, nn.Module):
         raise TypeError(f"a data-free strategy needs teacher= (a trained nn.Module); got {type(teacher).__name__}")
     return teacher
+
+
+def _check_kd_settings(who: str, *, T: float, batch_size: int, epochs: int, fit_kwargs: dict[str, Any]) -> None:
+    """Reject bad KD settings before any synthesis: the KD temperature, the batch size, and the
+    :func:`distill.fit` keywords (unknown names; optimizer name, ``lr``, ``momentum``,
+    ``weight_decay``; schedule name and milestones), with :func:`distill.fit`'s defaults for those
+    not given. Without this, a typo surfaced only after the whole DeepInversion synthesis had run
+    (minutes on a CPU; issue 13's benchmark synthesises for about ten)."""
+    KD(T=T)  # raises for T <= 0, inf, NaN
+    check_int("batch_size", batch_size, 1)
+    reserved = sorted(set(fit_kwargs) & {"epochs", "run_dir", "seed", "progress"})
+    if reserved:
+        raise TypeError(f"{who}: {reserved} are set by the strategy itself; remove them from the fit keywords")
+    sig = inspect.signature(fit)
+    try:
+        sig.bind_partial(None, None, None, epochs=epochs, **fit_kwargs)
+    except TypeError as e:
+        raise TypeError(f"{who}: bad keyword for distill.fit: {e}") from None
+    d = {k: v.default for k, v in sig.parameters.items() if v.default is not inspect.Parameter.empty}
+    d.update(fit_kwargs)
+    probe = [nn.Parameter(torch.zeros(1))]
+    opt = make_optimizer(probe, d["optimizer"], lr=d["lr"], momentum=d["momentum"], weight_decay=d["weight_decay"],
+                         nesterov=d["nesterov"])
+    Schedule(opt, d["schedule"], epochs=epochs, steps_per_epoch=1, milestones=d["milestones"], gamma=d["gamma"])
 
 
 def kd_on_synthetic(student: nn.Module, teacher: nn.Module, synthetic: SyntheticSet, val_loader: Iterable[Any] | None,
@@ -105,7 +131,15 @@ def fit_deepinversion_kd(
         synth: keyword arguments for :func:`~distill.synthesis.deepinversion.deepinversion`
             (``iterations``, ``lr``, ``bn``, ``tv``, ...; the paper's defaults otherwise).
         synthetic: a set synthesised earlier (skips synthesis).
-        **fit_kwargs: passed to :func:`distill.fit` (optimizer, lr, schedule, ...).
+        **fit_kwargs: passed to :func:`distill.fit` (optimizer, lr, schedule, ...); without them the
+            student gets ``fit``'s defaults (SGD lr 0.05, momentum 0.9, weight decay 5e-4, lr x0.1 at
+            50% and 75% of the epochs), ours, not the paper's (whose KD settings could not be read here).
+
+    The KD settings (``T``, ``batch_size``, ``fit_kwargs``) are checked before the synthesis, which
+    takes minutes. Issue 13 (MNIST, LeNet-5 (BN) -> LeNet-5-half, which has no BN): the synthesised
+    images are fine (teacher confidence 0.97, every image of its class, class-balanced), but with
+    ``fit``'s defaults and 1,000 images at batch 256 the student gets 4 steps an epoch and stays near
+    chance; ``lr=0.01, weight_decay=1e-4, batch_size=64`` and more epochs learn (docs/benchmarks.md).
 
     Returns:
         :class:`DataFreeResult` (``fit``'s result, the set, synthesis time).
@@ -114,6 +148,7 @@ def fit_deepinversion_kd(
     model = as_model(student, "deepinversion_kd")
     check_int("epochs", epochs)
     check_int("ipc", ipc)
+    _check_kd_settings("deepinversion_kd", T=T, batch_size=batch_size, epochs=epochs, fit_kwargs=fit_kwargs)
     start = time.perf_counter()
     if synthetic is None:
         synthetic = deepinversion(teacher, ipc=ipc, num_classes=num_classes, image_shape=tuple(image_shape),
@@ -168,6 +203,7 @@ def fit_adi_kd(
         epochs_per_round = -(-check_int("epochs", epochs) // check_int("rounds", rounds))
     for name, v in (("rounds", rounds), ("ipc_per_round", ipc_per_round), ("epochs_per_round", epochs_per_round)):
         check_int(name, v)
+    _check_kd_settings("adi_kd", T=T, batch_size=batch_size, epochs=epochs_per_round, fit_kwargs=fit_kwargs)
     if synth and "student" in synth:
         raise ValueError("adi_kd passes the current student to adaptive_deepinversion itself; remove 'student' "
                          "from synth")
