@@ -216,6 +216,18 @@ def test_a_strategy_row_runs_graph_free_kd(tmp_path: Path) -> None:
     assert "strategy graph_free_kd" in (folder / "report.md").read_text()
 
 
+
+def test_graph_free_kd_without_a_batchnorm_teacher_is_refused_before_training(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import distill.graph_runner as gr
+
+    monkeypatch.setattr(gr, "distill_graph", lambda *a, **k: pytest.fail("something was trained"))
+    r = recipe(students={"scratch": {"ce": 1.0}, "gfkd": {"strategy": "graph_free_kd", "args": {"epochs": 2}}},
+               seeds=[0])
+    with pytest.raises(RecipeError, match=r"students.gfkd: graph_free_kd matches the teacher's BatchNorm.*norm: batch"):
+        run_graph_recipe(parse_graph_recipe(r), out_dir=tmp_path, progress=False)
+
+
 # ------------------------------------------------------------------------------------------- command line
 
 def test_distill_run_reads_a_graph_recipe(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -225,6 +225,21 @@ def build_model(spec: GraphModelSpec, graph: Any, data: GraphDataSpec) -> tuple[
     return create(spec.name, in_dim=graph.x.shape[1], num_classes=graph.num_classes, **spec.kwargs), graph
 
 
+# graph strategies that read the teacher's BatchNorm statistics (graph-free KD synthesises graphs to match them)
+READS_TEACHER_BATCHNORM = ("graph_free_kd",)
+
+
+def _check_teacher_for_strategies(recipe: GraphRecipe, teacher: nn.Module) -> None:
+    """Before the teacher is trained: a row whose strategy matches the teacher's BatchNorm statistics needs a
+    teacher with BatchNorm (else it would fail after every other row has trained)."""
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in teacher.modules())
+    for row, spec in recipe.students.items():
+        if row_kind(spec) == "strategy" and spec["strategy"] in READS_TEACHER_BATCHNORM and not has_bn:
+            raise RecipeError(f"students.{row}: {spec['strategy']} matches the teacher's BatchNorm statistics, but the "
+                              f"teacher {recipe.teacher.model.name!r} has no BatchNorm layer (give it kwargs "
+                              "{norm: batch})")
+
+
 def _parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -315,6 +330,7 @@ def run_graph_recipe(recipe: GraphRecipe, *, out_dir: str | Path | None = None, 
             if recipe.teacher is not None:
                 torch.manual_seed(seed)
                 teacher, teacher_view = build_model(recipe.teacher.model, graph, recipe.data)
+                _check_teacher_for_strategies(recipe, teacher)
                 weights = run_dir / "teacher.safetensors"
                 if recipe.teacher.checkpoint is not None:
                     _load(teacher, Path(recipe.teacher.checkpoint))
