@@ -47,6 +47,7 @@ from distill.models import create, list_models
 from distill.recipes import RecipeError, _Strict, read_recipe_file, validate_losses, validate_schema
 from distill.strategies.graph import distill_graph, masked_accuracy
 from distill.strategies.registry import list_strategies, strategy_info
+from distill.train.checkpoint import load_model, save_model
 from distill.train.rundir import RunFolderError
 
 console = Console()
@@ -259,26 +260,15 @@ def _methods(losses: dict[str, dict[str, Any]], graph: Any) -> tuple[float, dict
     return ce, methods
 
 
-def _save(model: nn.Module, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(path))
-
-
 def _load(model: nn.Module, path: Path) -> None:
-    from safetensors.torch import load_file  # weights only: nothing read from disk runs code
-
+    """The teacher's weights from ``path`` (:func:`~distill.train.checkpoint.load_model`: no code runs, the
+    checksum is checked); a recipe error when they do not fit the teacher model."""
     if not path.is_file():
         raise FileNotFoundError(f"teacher checkpoint {str(path)!r} does not exist")
-    state, own = load_file(str(path)), model.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(own) & set(state))
-              if state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        raise RecipeError(f"teacher checkpoint {str(path)!r} does not fit the teacher model: missing {missing}, "
-                          f"unexpected {unexpected}, other shapes (checkpoint vs model) {shapes}")
-    model.load_state_dict(state)
+    try:
+        load_model(path, model)
+    except ValueError as e:
+        raise RecipeError(f"teacher checkpoint {str(path)!r} does not fit the teacher model: {e}") from None
 
 
 def run_graph_recipe(recipe: GraphRecipe, *, out_dir: str | Path | None = None, progress: bool = True,
@@ -342,7 +332,7 @@ def run_graph_recipe(recipe: GraphRecipe, *, out_dir: str | Path | None = None, 
                     t = recipe.teacher.train
                     distill_graph(teacher, None, teacher_view, {}, epochs=t.epochs, lr=t.lr, weight_decay=t.weight_decay,
                                   seed=seed, progress=progress)
-                    _save(teacher, weights)
+                    save_model(weights, teacher)
                     how = f"trained here ({t.epochs} epochs)"
                 teacher.eval()
                 with torch.no_grad():
@@ -371,7 +361,7 @@ def run_graph_recipe(recipe: GraphRecipe, *, out_dir: str | Path | None = None, 
                                         lr=recipe.train.lr, weight_decay=recipe.train.weight_decay, ce=ce, seed=seed,
                                         progress=progress)
                     val_acc, test_acc, best_epoch = out["val_acc"], out["test_acc"], out["best_epoch"]
-                _save(student, run_dir / f"{row}.safetensors")
+                save_model(run_dir / f"{row}.safetensors", student)
                 entry = results.setdefault(row, {"spec": spec, "parameters": _parameters(student), "seeds": {}})
                 entry["spec"], entry["parameters"] = spec, _parameters(student)
                 entry["seeds"][str(seed)] = {"val_acc": val_acc, "test_acc": test_acc, "best_epoch": best_epoch,
