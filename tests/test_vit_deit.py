@@ -170,7 +170,13 @@ def test_registered_with_its_paper_and_defaults() -> None:
     assert info.family == "vit" and info.paper.arxiv == "2012.12877" and info.paper.year == 2021
     hard, soft = create_method("deit"), create_method("deit", mode="soft")
     assert (hard.mode, hard.ce_weight, hard.distill_weight, hard.label_smoothing) == ("hard", 0.5, 0.5, 0.1)
+    # τ = 3.0, λ = 0.1: the paper, Section 6 ("Initialization and hyper-parameters"): "we take the typical
+    # values τ = 3.0 and λ = 0.1 for the usual (soft) distillation" -- not the authors' main.py (τ = 1, λ = 0.5)
     assert (soft.ce_weight, soft.distill_weight, soft.T) == (0.9, 0.1, 3.0)
+    assert (soft.mode, soft.label_smoothing) == ("soft", 0.1)  # Section 4: "we fix this parameter to ε = 0.1"
+    import inspect
+    params = inspect.signature(type(soft).__init__).parameters
+    assert params["T"].default == 3.0 and params["label_smoothing"].default == 0.1
     assert hard.needs_targets and hard.student_taps == ["head", "head_dist"]
     assert create_method("deit", token="class").student_taps == []
 

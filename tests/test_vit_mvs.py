@@ -378,3 +378,145 @@ def test_kd_mvs_strategy_runs_its_three_stages(scenes: MVSScenes) -> None:
     assert torch.equal(labels.inputs[3], scenes.packed()[0, [1, 0, 2]])
     with pytest.raises(ValueError, match="teacher"):
         kd_mvs(student, scenes.loader(3), None, epochs=1, progress=False)
+
+
+# ------------------------------------------------------------------- the strategy's training keywords (fit's)
+
+
+def _one_step_reference(model: torch.nn.Module, scenes: MVSScenes, seed: int, epoch: int = 0
+                        ) -> dict[str, torch.Tensor]:
+    """The gradient of stage 1's step in ``epoch`` (one batch per epoch), worked out outside the strategy: the
+    reference view is the one drawn from ``Generator(seed * 10_007 + epoch)``, the loss MVSSelfSupervised's
+    defaults."""
+    import copy
+
+    twin = copy.deepcopy(model).train()
+    batch = next(iter(scenes.loader(3)))
+    g = torch.Generator().manual_seed(seed * 10_007 + epoch)
+    r = int(torch.randint(batch.inputs.shape[1], (1,), generator=g))
+    order = [r] + [i for i in range(batch.inputs.shape[1]) if i != r]
+    d = Distiller(twin, None, losses={"self_sup": MVSSelfSupervised()})
+    d(DenseBatch(batch.inputs[:, order], index=batch.index)).total.backward()
+    return {n: p.grad.clone() for n, p in twin.named_parameters() if p.grad is not None}
+
+
+def test_stage_one_takes_fits_optimizer_keywords_sgd_step_by_hand(scenes: MVSScenes) -> None:
+    from distill.strategies.kd_mvs import train_self_supervised
+
+    torch.manual_seed(0)
+    model = create("mvsnet_teacher", num_depths=16)
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = _one_step_reference(model, scenes, seed=5)
+    # plain SGD, no momentum, weight decay 0.01: w1 = w0 - lr (g + wd w0)
+    train_self_supervised(model, scenes.loader(3), epochs=1, seed=5, progress=False, optimizer="sgd", lr=0.2,
+                          momentum=0.0, weight_decay=0.01, schedule="constant")
+    for n, p in model.named_parameters():
+        want = w0[n] - 0.2 * (grads.get(n, torch.zeros_like(p)) + 0.01 * w0[n])
+        torch.testing.assert_close(p.detach(), want, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_stage_one_sgd_momentum_two_steps_by_hand(scenes: MVSScenes) -> None:
+    from distill.strategies.kd_mvs import train_self_supervised
+
+    torch.manual_seed(3)
+    model = create("mvsnet_teacher", num_depths=16)
+    twin = create("mvsnet_teacher", num_depths=16)
+    twin.load_state_dict(model.state_dict())
+    lr, mu = 0.1, 0.7
+    # step 1 at w0 (epoch 0's view): b1 = g1, w1 = w0 - lr b1; step 2 at w1 (epoch 1's view): b2 = mu b1 + g2
+    g1 = _one_step_reference(twin, scenes, seed=4, epoch=0)
+    with torch.no_grad():
+        for n, p in twin.named_parameters():
+            p -= lr * g1.get(n, torch.zeros_like(p))
+    g2 = _one_step_reference(twin, scenes, seed=4, epoch=1)
+    train_self_supervised(model, scenes.loader(3), epochs=2, seed=4, progress=False, optimizer="sgd", lr=lr,
+                          momentum=mu, weight_decay=0.0)
+    w1 = dict(twin.named_parameters())
+    for n, p in model.named_parameters():
+        zero = torch.zeros_like(p)
+        want = w1[n].detach() - lr * (mu * g1.get(n, zero) + g2.get(n, zero))
+        torch.testing.assert_close(p.detach(), want, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_stage_one_defaults_are_adamw_lr_1e_3_wd_1e_4_first_step_by_hand(scenes: MVSScenes) -> None:
+    from distill.strategies.kd_mvs import train_self_supervised
+
+    torch.manual_seed(1)
+    model = create("mvsnet_teacher", num_depths=16)
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = _one_step_reference(model, scenes, seed=0)
+    train_self_supervised(model, scenes.loader(3), epochs=1, seed=0, progress=False)
+    # AdamW's first step: decoupled decay w0 (1 - lr wd), then -lr m̂/(√v̂ + ε) = -lr g/(|g| + 1e-8)
+    lr, wd = 1e-3, 1e-4
+    for n, p in model.named_parameters():
+        g = grads.get(n, torch.zeros_like(p))
+        want = w0[n] * (1 - lr * wd) - lr * g / (g.abs() + 1e-8)
+        torch.testing.assert_close(p.detach(), want, rtol=1e-4, atol=1e-7, msg=n)
+
+
+def test_grad_clip_bounds_the_sgd_step_norm(scenes: MVSScenes) -> None:
+    from distill.strategies.kd_mvs import train_self_supervised
+
+    torch.manual_seed(2)
+    model = create("mvsnet_teacher", num_depths=16)
+    w0 = [p.detach().clone() for p in model.parameters()]
+    train_self_supervised(model, scenes.loader(3), epochs=1, progress=False, optimizer="sgd", lr=1.0, momentum=0.0,
+                          weight_decay=0.0, grad_clip=1e-3)
+    step = torch.sqrt(sum(((p.detach() - w) ** 2).sum() for p, w in zip(model.parameters(), w0)))
+    assert float(step) == pytest.approx(1e-3, rel=1e-3)  # the gradient (norm >> 1e-3) clipped to norm 1e-3
+
+
+def test_kd_mvs_schedule_spans_each_stage_and_restarts_per_stage(scenes: MVSScenes) -> None:
+    from distill.strategies.kd_mvs import kd_mvs
+
+    torch.manual_seed(0)
+    teacher, student = create("mvsnet_teacher", num_depths=16), create("mvsnet_student", num_depths=16)
+    res = kd_mvs(student, scenes.loader(3), None, teacher=teacher, epochs=3, teacher_epochs=2, progress=False,
+                 check={"min_views": 1, "min_confidence": 0.0}, optimizer="sgd", lr=0.04, momentum=0.5,
+                 weight_decay=0.0, schedule="multistep", milestones=[1, 2], gamma=0.25, device="cpu", amp=False,
+                 fingerprint={"any": 1})
+    # lr at each epoch's first step: ×0.25 after epoch 1 and after epoch 2; a fresh schedule for the student
+    assert [h["lr"] for h in res.teacher_history] == pytest.approx([0.04, 0.01])
+    assert [h["lr"] for h in res.student_history] == pytest.approx([0.04, 0.01, 0.0025])
+    # cosine, stepped per batch: one batch per epoch (3 scenes, batch 3) for the teacher, 2 epochs:
+    # lr·½(1 + cos(π·1/2)) = lr/2 at epoch 1; the student's 9 labelled rows in batches of 3 = 3 steps per epoch,
+    # 3 epochs = 9 steps: lr·½(1 + cos(π·3/9)) = 0.75 lr at epoch 1, lr·½(1 + cos(π·6/9)) = 0.25 lr at epoch 2
+    res = kd_mvs(student, scenes.loader(3), None, teacher=teacher, epochs=3, teacher_epochs=2, progress=False,
+                 check={"min_views": 1, "min_confidence": 0.0}, optimizer="adam", lr=0.02, schedule="cosine",
+                 batch_size=3)
+    assert [h["lr"] for h in res.teacher_history] == pytest.approx([0.02, 0.01])
+    assert [h["lr"] for h in res.student_history] == pytest.approx([0.02, 0.015, 0.005])
+
+
+def test_kd_mvs_loop_defaults_are_the_authors_lr_and_weight_decay() -> None:
+    from distill.strategies.kd_mvs import _loop_config
+
+    cfg = _loop_config({}, epochs=1, teacher_epochs=1)
+    # lr 1e-3, weight decay 1e-4: the authors' --lr / --wd (megvii-research/KD-MVS); AdamW and a constant rate: ours
+    assert (cfg["optimizer"], cfg["lr"], cfg["weight_decay"], cfg["schedule"]) == ("adamw", 1e-3, 1e-4, "constant")
+    assert cfg["grad_clip"] is None and cfg["device"] is None
+    # a recipe's unset (None) optimiser fields fall back to these, not to fit's
+    none = _loop_config({"optimizer": None, "lr": None, "weight_decay": None, "schedule": None}, epochs=1,
+                        teacher_epochs=1)
+    assert {k: none[k] for k in ("optimizer", "lr", "weight_decay", "schedule")} == \
+        {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "schedule": "constant"}
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"optimizer": "lion"}, ValueError, "unknown optimizer 'lion'"),
+    ({"schedule": "step"}, ValueError, "unknown schedule 'step'"),
+    ({"lr": 0.0}, ValueError, "lr must be a finite number > 0"),
+    ({"grad_clip": -1.0}, ValueError, "grad_clip must be a number > 0"),
+    ({"schedule": "multistep", "milestones": [3]}, ValueError, r"outside 1\.\.2.*teacher_epochs"),
+    ({"resume": True}, ValueError, "keep no checkpoints"),
+    ({"amp": "bf16"}, ValueError, "float32"),
+    ({"warmup": 3}, TypeError, r"unknown argument\(s\) \['warmup'\].*'optimizer'"),
+])
+def test_kd_mvs_bad_training_keywords_are_named_before_any_work(scenes: MVSScenes, kwargs, error, match) -> None:
+    from distill.strategies.kd_mvs import kd_mvs
+
+    teacher, student = create("mvsnet_teacher", num_depths=16), create("mvsnet_student", num_depths=16)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    with pytest.raises(error, match=match):
+        kd_mvs(student, scenes.loader(3), None, teacher=teacher, epochs=3, teacher_epochs=2, progress=False, **kwargs)
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())  # stage 1 never ran

@@ -5,9 +5,19 @@ Distillation for Vision Transformers", CVPR 2022, arXiv 2204.12997. The synthesi
 :func:`distill.synthesis.deepinversion.deepinversion` (Yin et al., CVPR 2020, arXiv 1912.08795),
 the loss :class:`distill.methods.dearkd.DearKD` on the synthetic images and their class labels.
 
-Departure: the paper adds a *boundary-preserving intra-divergence* loss to DeepInversion (it spreads
-the images of a class apart while keeping them inside the class's decision boundary); only the
-abstract could be read here, so that term is not implemented: the images are plain DeepInversion's.
+Departure: the paper adds a *boundary-preserving intra-divergence* loss to DeepInversion; that term is
+not implemented: the images are plain DeepInversion's. Its definition could not be read here (searched
+again for issue 15, 2026-12-07): the ``pages`` corpus holds only the abstract (mlanthology's CVPR 2022 page
+and aggregators, one of which lists it under arXiv 2204.12997), which names the loss and says it is "based on DeepInversion" and closes
+the gap to full data, but gives no formula. Two secondary reading notes in the code corpus add
+nothing to define it: a Chinese summary says only that it makes a class's synthetic images more
+diverse while keeping the class boundary (against mode collapse), with no equation, distance, weight
+or the place it acts (images, features or logits); a Korean note covers the introduction only
+(MHCA and the aligner by name, "No code yet"). No authors' code exists to read: the only repository
+matching "dearkd" is unrelated, and a CVPR 2022 paper list records "Code: None". Anything we wrote
+for it would be invented, so nothing is. The same holds for the
+paper's MHCA (multi-head convolutional-attention) student layers, see
+:class:`~distill.methods.dearkd.DearKD`.
 """
 
 from __future__ import annotations
