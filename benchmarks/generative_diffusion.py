@@ -12,17 +12,22 @@ Rows, all at guidance ``--w``: the teacher with classifier-free guidance and pla
 ``--start-steps`` steps (2 network evaluations per step: the reference), the teacher's conditional model
 alone (no guidance: where the stage-one student starts from), the stage-one student at the
 same step count (1 evaluation per step), then for each step count ``n`` of stage two the teacher's
-guided DDIM at ``n`` steps (without the method) and the distilled student at ``n`` steps (with it).
+guided DDIM at ``n`` steps (without the method), the distilled student at ``n`` steps (with it) and,
+unless ``--no-stochastic``, the same student with Meng et al.'s ``n``-step stochastic sampler (a DDIM step
+of twice the step length, then a step back by re-noising; the same ``n`` network evaluations).
 FID/KID against MNIST test images (resized to ``--size`` and back to 28 px like the samples) with the
 LeNet extractor trained here (``distill.train.generative_eval``; not Inception: scores compare rows
 of this table only). ``--seeds N`` draws N sets of sampling noise (mean +- std over them; the models
 are trained once). PSNR compares each row's samples with the reference's from the same noise ``z_1``
-(deterministic DDIM: a faithful distillation reproduces the reference image by image). Time ratio = the
-row's sampling time / the reference's.
+(deterministic DDIM: a faithful distillation reproduces the reference image by image); it is not printed
+for the stochastic sampler's rows (fresh noise at every step: no image-by-image reference), which are judged
+by FID/KID only. Time ratio = the row's sampling time / the reference's.
 
     python benchmarks/generative_diffusion.py --quick       # < 2 min smoke run
     python benchmarks/generative_diffusion.py               # the real mode (~10 min of CPU; longer on a shared machine)
     python benchmarks/generative_diffusion.py --teacher-cache t.safetensors   # train the teacher once, reuse it
+    python benchmarks/generative_diffusion.py --teacher-cache t.safetensors --feature-images 10000 \
+        --stage-one-steps 300 --round-steps 100 --seeds 2     # the reduced run of docs (a loaded machine)
 """
 
 from __future__ import annotations
@@ -60,6 +65,11 @@ def _args() -> argparse.Namespace:
     p.add_argument("--w-max", type=float, default=4.0)
     p.add_argument("--samples", type=int, default=300, help="generated images per row (balanced classes)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--feature-images", type=int, default=0,
+                   help="train the FID/KID LeNet for 1 epoch on this many MNIST training images (not cached; for a "
+                        "loaded machine) instead of the cached 2-epoch net on all 60,000 (0, the default)")
+    p.add_argument("--no-stochastic", action="store_true",
+                   help="leave out the rows of Meng et al.'s stochastic sampler for the progressive students")
     a = p.parse_args()
     if a.quick:
         a.train_images, a.teacher_steps, a.stage_one_steps, a.batch_size = 1000, 60, 15, 32
@@ -88,7 +98,12 @@ def main() -> None:
         return F.interpolate((x + 1) / 2, size=(28, 28), mode="bilinear", align_corners=False).clamp(0, 1)
 
     real = to_eval(diffusion_images(x_test[:max(a.samples, 500)], a.size))
-    feat = train_feature_net("mnist", epochs=2, seed=0, progress=False)
+    if a.feature_images:
+        feat = train_feature_net("mnist", epochs=1, seed=0, images=x_train[:a.feature_images],
+                                 labels=y_train[:a.feature_images], progress=False)
+        feat.name = f"lenet-mnist (trained here, 1 epoch on {a.feature_images} training images, seed 0)"
+    else:
+        feat = train_feature_net("mnist", epochs=2, seed=0, progress=False)
 
     def unet() -> torch.nn.Module:
         torch.manual_seed(0)
@@ -120,16 +135,18 @@ def main() -> None:
 
     reference: dict[int, torch.Tensor] = {}  # seed -> the reference's samples, in [0, 1]
 
-    def measure(model: torch.nn.Module, steps: int, w: float | None = a.w) -> tuple[list[dict[str, float]], float]:
+    def measure(model: torch.nn.Module, steps: int, w: float | None = a.w,
+                stochastic: bool = False) -> tuple[list[dict[str, float]], float]:
         scores, times = [], []
         for seed in range(a.seeds):
             t = time.perf_counter()
-            fake = sample_diffusion(model, eval_labels, steps, w=w, seed=1000 + seed, batch_size=250)
+            fake = sample_diffusion(model, eval_labels, steps, w=w, seed=1000 + seed, batch_size=250,
+                                    stochastic=stochastic)
             times.append(time.perf_counter() - t)
             sc = fid_kid(real, to_eval(fake), feat, kid_subset_size=min(100, a.samples), seed=seed)
             fake01 = (fake + 1) / 2
             reference.setdefault(seed, fake01)  # the first row measured is the reference
-            sc["psnr"] = psnr(fake01, reference[seed])
+            sc["psnr"] = float("nan") if stochastic else psnr(fake01, reference[seed])
             scores.append(sc)
         return scores, statistics.median(times)
 
@@ -152,6 +169,9 @@ def main() -> None:
         rows.append(("teacher, CFG + DDIM (no distillation)", n, 2 * n, s, tm))
         s, tm = measure(r["model"], n)
         rows.append(("progressive student (Meng stage two)", n, n, s, tm))
+        if not a.no_stochastic and n > 1:  # one step: the stochastic sampler is the deterministic one
+            s, tm = measure(r["model"], n, stochastic=True)
+            rows.append(("progressive student, Meng's stochastic sampler", n, n, s, tm))
 
     print(f"MNIST at {a.size}x{a.size} px (area-resized; evaluated at 28 px), {a.train_images} training images; "
           f"teacher {how} ({t_teacher:.0f} s), stage one {a.stage_one_steps} updates "
@@ -160,12 +180,14 @@ def main() -> None:
           f"[0, {a.w_max}]); {a.samples} samples per row, "
           f"{a.seeds} noise seed(s); extractor: {feat.name}; {torch.get_num_threads()} CPU thread(s).")
     print()
-    print("| model | DDIM steps | network evals / sample | FID | KID | PSNR vs reference, same noise (dB) | "
+    print("| model | sampling steps | network evals / sample | FID | KID | PSNR vs reference, same noise (dB) | "
           "sampling s | time ratio vs reference |")
     print("|---|---|---|---|---|---|---|---|")
     for name, steps, nfe, sc, tm in rows:
+        ps = "-" if name == rows[0][0] else "n/a (stochastic)" if "stochastic" in name else \
+            fmt([d["psnr"] for d in sc])
         print(f"| {name} | {steps} | {nfe} | {fmt([d['fid'] for d in sc])} | {fmt([d['kid'] for d in sc])} | "
-              f"{fmt([d['psnr'] for d in sc]) if name != rows[0][0] else '-'} | {tm:.2f} | {tm / ref_time:.3f} |")
+              f"{ps} | {tm:.2f} | {tm / ref_time:.3f} |")
     print()
     print("command: python " + " ".join(shlex.quote(v) for v in ["benchmarks/generative_diffusion.py", *sys.argv[1:]]))
     print(f"total wall time {time.time() - t_all:.0f} s")

@@ -337,3 +337,159 @@ def test_save_load_roundtrip_w_conditioned(tmp_path: object) -> None:
     r = load_diffusion_model(tmp_path / "s.safetensors", _tiny(3).with_guidance_input())  # type: ignore[operator]
     z, t, c, w = torch.randn(1, 1, 8, 8), torch.tensor([0.5]), torch.tensor([1]), torch.tensor([2.0])
     assert torch.allclose(r(z, t, c, w), s(z, t, c, w))
+
+
+# ----------------------------------------------------------------------------- Meng et al.'s stochastic sampler
+
+from distill.strategies.diffusion_distill import renoise, stochastic_ddim_sample  # noqa: E402
+
+
+def test_renoise_by_hand() -> None:
+    # s = 1/4 -> t = 1/2: alpha_t / alpha_s = cos(pi/4) / cos(pi/8) = 0.7653669,
+    # sigma_{t|s}^2 = sigma_t^2 - (alpha_t/alpha_s)^2 sigma_s^2 = 0.5 - 0.5857864 * 0.1464466 = 0.4142136 (= sqrt(2) - 1)
+    a_s, s_s = 0.9238795325112867, 0.3826834323650898
+    a_t, s_t = math.sqrt(0.5), math.sqrt(0.5)
+    ratio, var = a_t / a_s, s_t ** 2 - (a_t / a_s) ** 2 * s_s ** 2
+    assert abs(ratio - 0.7653669) < 1e-6 and abs(var - (math.sqrt(2) - 1)) < 1e-9
+    z_s, eps = torch.tensor([[2.0, -1.0]], dtype=torch.float64), torch.tensor([[0.5, 1.5]], dtype=torch.float64)
+    f = lambda v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
+    got = renoise(z_s, f(a_s), f(s_s), f(a_t), f(s_t), eps)
+    expect = [ratio * 2.0 + math.sqrt(var) * 0.5, ratio * -1.0 + math.sqrt(var) * 1.5]  # [1.8525, 0.2001]
+    np.testing.assert_allclose(got.numpy()[0], expect, rtol=1e-12)
+    # from data (s = 0): alpha_t x + sigma_t eps
+    got0 = renoise(z_s, f(1.0), f(0.0), f(a_t), f(s_t), eps)
+    np.testing.assert_allclose(got0.numpy()[0], [a_t * 2.0 + s_t * 0.5, -a_t + s_t * 1.5], rtol=1e-12)
+
+
+@settings(max_examples=20, deadline=None)
+@given(s=st.floats(0.0, 0.9), gap=st.floats(0.01, 0.09), seed=st.integers(0, 1000))
+def test_renoise_has_the_forward_marginal(s: float, gap: float, seed: int) -> None:
+    # x -> z_s ~ q(z_s|x) -> z_t ~ q(z_t|z_s) must be q(z_t|x): mean alpha_t x, variance sigma_t^2 per coordinate
+    t = s + gap
+    g = torch.Generator().manual_seed(seed)
+    n = 20000
+    x = torch.full((n, 1), 0.8, dtype=torch.float64)
+    (a_s, s_s), (a_t, s_t) = _cs(s), _cs(t)
+    z_s = a_s * x + s_s * torch.randn(n, 1, generator=g, dtype=torch.float64)
+    z_t = renoise(z_s, torch.full((n,), a_s, dtype=torch.float64), torch.full((n,), s_s, dtype=torch.float64),
+                  torch.full((n,), a_t, dtype=torch.float64), torch.full((n,), s_t, dtype=torch.float64),
+                  torch.randn(n, 1, generator=g, dtype=torch.float64))
+    assert float(z_t.mean()) == pytest.approx(a_t * 0.8, abs=0.03)
+    assert float(z_t.var()) == pytest.approx(s_t ** 2, rel=0.06, abs=1e-3)
+
+
+def _np_stochastic(z: np.ndarray, den, n: int, eps: np.ndarray) -> tuple[np.ndarray, list[float]]:
+    """Meng et al.'s N-step stochastic sampler written out: DDIM t -> t - 2/N, then z_{t-1/N} =
+    (alpha_{t-1/N} / alpha_{t-2/N}) z_{t-2/N} + sqrt(sigma_{t-1/N}^2 - (alpha ratio)^2 sigma_{t-2/N}^2) eps;
+    last step x_hat(z_{1/N}). Returns the sample and the times the denoiser saw."""
+    seen = []
+    for i in range(n, 0, -1):
+        t = i / n
+        x = den(z, t)
+        seen.append(t)
+        if i == 1:
+            return x, seen
+        t2, t1 = (i - 2) / n, (i - 1) / n
+        z2 = _np_ddim(z, x, t, t2) if i > 2 else x  # at i = 2 the long step lands on t = 0: x_hat itself
+        (a2, s2), (a1, s1) = _cs(t2), _cs(t1)
+        r = a1 / a2
+        z = r * z2 + math.sqrt(s1 ** 2 - r ** 2 * s2 ** 2) * eps[n - i]
+    raise AssertionError
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 8])
+def test_stochastic_sampler_matches_a_loop_written_out(n: int) -> None:
+    rng = np.random.default_rng(n)
+    z0 = rng.normal(size=(2, 3))
+    eps = rng.normal(size=(max(n - 1, 0), 2, 3))
+
+    def den_np(z: np.ndarray, t: float) -> np.ndarray:
+        return np.tanh(0.8 * z) + 0.2 * t
+
+    seen: list[float] = []
+
+    def den(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        seen.append(float(t[0]))
+        assert torch.all(t == t[0])
+        return torch.tanh(0.8 * z) + 0.2 * t[:, None]
+
+    got = stochastic_ddim_sample(den, torch.tensor(z0), n, noise=torch.tensor(eps))
+    expect, times = _np_stochastic(z0, den_np, n, eps)
+    np.testing.assert_allclose(got.numpy(), expect, atol=1e-12)
+    assert seen == pytest.approx(times) and len(seen) == n  # N evaluations at t = 1, (N-1)/N, ..., 1/N
+
+
+def test_stochastic_sampler_with_zero_noise_is_the_deterministic_alpha_rescaled_path() -> None:
+    # eps = 0: each step is DDIM(t -> t - 2/N) then a rescale by alpha_{t-1/N} / alpha_{t-2/N}; by hand for N = 3
+    # with the denoiser x_hat = 0.5 z (cos(pi/6) = 0.8660254, sin(pi/6) = 0.5, cos(pi/3) = 0.5):
+    # z_1 = 1, x = 0.5; DDIM 1 -> 1/3: 0.8660254 * 0.5 + (0.5 / 1) * (1 - 0 * 0.5) = 0.9330127;
+    # rescale to 2/3: * 0.5 / 0.8660254 -> 0.5386751; x = 0.2693376; DDIM 2/3 -> 0 lands on x: 0.2693376;
+    # rescale to 1/3: * 0.8660254 / 1 -> 0.2332532; the last step returns x_hat = 0.1166266
+    def den(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return 0.5 * z
+
+    got = stochastic_ddim_sample(den, torch.ones(1, 1, dtype=torch.float64), 3,
+                                 noise=torch.zeros(2, 1, 1, dtype=torch.float64))
+    assert float(got) == pytest.approx(0.1166266, abs=1e-7)
+    c6 = math.cos(math.pi / 6)
+    exact = 0.5 * (c6 * (0.5 * ((0.5 * c6 + 0.5) * 0.5 / c6)))  # the chain above, unrounded
+    assert float(got) == pytest.approx(exact, rel=1e-12)
+    # the deterministic N-step DDIM differs (no rescale, steps of 1/N): the stochastic path is not DDIM's
+    assert float(ddim_sample(den, torch.ones(1, 1, dtype=torch.float64), 3)) != pytest.approx(float(got), rel=1e-3)
+
+
+def test_stochastic_sampler_one_step_is_deterministic_and_errors() -> None:
+    z = torch.randn(2, 1, 4, 4)
+    den = lambda z, t: 0.3 * z  # noqa: E731
+    assert torch.equal(stochastic_ddim_sample(den, z, 1), ddim_sample(den, z, 1))
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        stochastic_ddim_sample(den, z, 0)
+    with pytest.raises(ValueError, match=r"noise must be \(steps - 1, \*z.shape\)"):
+        stochastic_ddim_sample(den, z, 3, noise=torch.zeros(3, 2, 1, 4, 4))
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    a, b = stochastic_ddim_sample(den, z, 4, generator=g1), stochastic_ddim_sample(den, z, 4, generator=g2)
+    assert torch.equal(a, b) and not torch.allclose(a, ddim_sample(den, z, 4))
+
+
+@needs_diffusers
+def test_sample_diffusion_stochastic_matches_a_written_out_loop_and_counts_evaluations() -> None:
+    model = _tiny(0).with_guidance_input()
+    with torch.no_grad():
+        for p in model.w_embed.parameters():
+            p.add_(0.1)
+    calls = []
+    model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    labels, n, w, seed = torch.tensor([0, 2, 1]), 3, 1.5, 7
+    got = sample_diffusion(model, labels, n, w=w, seed=seed, batch_size=2, stochastic=True)
+    assert sum(calls) == n * 3 and len(calls) == n * 2  # N evaluations per sample (batches of 2 and 1)
+    # the noises as documented: z_1 (N, C, H, W) from Generator(seed), then the re-noising eps (N, steps - 1, ...)
+    gen = torch.Generator().manual_seed(seed)
+    z1 = torch.randn((3, 1, 8, 8), generator=gen)
+    eps = torch.randn((3, n - 1, 1, 8, 8), generator=gen)
+    assert not torch.allclose(eps[:, 0], z1)  # the re-noising noise is not z_1 again
+    with torch.no_grad():
+        for b in range(3):
+            z = z1[b:b + 1]
+            cb, wb = labels[b:b + 1], torch.tensor([w])
+            for i in range(n, 0, -1):
+                t = i / n
+                x = _x_of(model, z, torch.tensor([t]), cb, wb)
+                if i == 1:
+                    break
+                (a, s), (a2, s2), (a1, s1) = _cs(t), _cs((i - 2) / n), _cs((i - 1) / n)
+                z2 = a2 * x + s2 / s * (z - a * x)
+                z = a1 / a2 * z2 + math.sqrt(s1 ** 2 - (a1 / a2) ** 2 * s2 ** 2) * eps[b, n - i]
+            assert torch.allclose(got[b:b + 1], x.clamp(-1, 1), atol=1e-5), b
+    # batch size does not change the samples; one step is the deterministic sampler (same z_1)
+    assert torch.allclose(sample_diffusion(model, labels, n, w=w, seed=seed, batch_size=3, stochastic=True), got,
+                          atol=1e-6)
+    assert torch.allclose(sample_diffusion(model, labels, 1, w=w, seed=seed, stochastic=True),
+                          sample_diffusion(model, labels, 1, w=w, seed=seed), atol=1e-6)
+    # a plain classifier-free model with w: two evaluations per step, batched in one call
+    calls.clear()
+    plain = _tiny(1)
+    plain.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    out = sample_diffusion(plain, labels, 2, w=1.0, seed=seed, stochastic=True)
+    assert out.shape == (3, 1, 8, 8) and calls == [6, 6]
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        sample_diffusion(model, labels, 0, w=w, stochastic=True)

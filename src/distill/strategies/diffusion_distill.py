@@ -6,6 +6,9 @@
 * ``progressive_distill``: Salimans & Ho, "Progressive Distillation for Fast Sampling of Diffusion
   Models", ICLR 2022, arXiv 2202.00512 (Algorithm 2), which Meng et al.'s stage two applies to the
   stage-one student (the guidance strength ``w`` passed to teacher and student alike).
+* ``stochastic_ddim_sample`` / ``sample_diffusion(stochastic=True)``: Meng et al.'s N-step stochastic
+  sampler for the distilled student (a deterministic DDIM step of twice the step length, then a step back
+  by re-noising).
 
 The models are :class:`distill.integrations.diffusers.DiffusionUNet` (a ``diffusers.UNet2DModel``
 predicting ``v``), in the papers' continuous time with the cosine schedule; the math is in
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,8 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill.functional.diffusion import (cosine_alpha_sigma, ddim_sample, ddim_step, diffusion_snr_weight,
-                                          diffusion_weighted_mse, guided_x, progressive_target, v_target, x_from_v)
+from distill.functional.diffusion import (cosine_alpha_sigma, ddim_sample, ddim_step, diffusion_log_snr,
+                                          diffusion_snr_weight, diffusion_weighted_mse, guided_x, progressive_target,
+                                          v_target, x_from_v)
 from distill.papers import Paper
 from distill.strategies.registry import register_strategy
 from distill.progress import StepProgress
@@ -42,7 +46,7 @@ from distill.train import FitResult
 
 __all__ = ["MENG_PAPER", "PD_PAPER", "DiffusionResult", "diffusion_images", "guided_diffusion_distill",
            "guided_distill_loss", "load_diffusion_model", "progressive_distill", "progressive_distill_loss",
-           "sample_diffusion", "save_diffusion_model", "train_diffusion_teacher"]
+           "renoise", "sample_diffusion", "save_diffusion_model", "stochastic_ddim_sample", "train_diffusion_teacher"]
 
 MENG_PAPER = Paper("On Distillation of Guided Diffusion Models", "Meng, Rombach, Gao, Kingma, Ermon, Ho, Salimans",
                    2023, "2210.03142", "CVPR 2023")
@@ -201,11 +205,87 @@ def train_diffusion_teacher(model: nn.Module, images: Tensor | None = None, labe
 # ----------------------------------------------------------------------------- sampling
 
 
+def renoise(z_s: Tensor, alpha_s: Tensor, sigma_s: Tensor, alpha_t: Tensor, sigma_t: Tensor, eps: Tensor) -> Tensor:
+    """One draw of the forward process from a time ``s`` to a LATER time ``t > s``, ``q(z_t | z_s)``:
+
+    ``z_t = (alpha_t / alpha_s) z_s + sigma_{t|s} eps``, ``sigma_{t|s}^2 = (1 - exp(lambda_t - lambda_s)) sigma_t^2``
+    (``lambda = log(alpha^2 / sigma^2)``; equal to ``sigma_t^2 - (alpha_t / alpha_s)^2 sigma_s^2``, the variance
+    of the variance-preserving process between ``s`` and ``t``).
+
+    ``z_s``, ``eps`` ``(B, C, H, W)`` (``eps ~ N(0, I)``); ``alpha_*``, ``sigma_*`` ``(B,)`` with ``alpha_s > 0``.
+    At ``s = 0`` (``sigma_s = 0``, ``alpha_s = 1``) this is ``alpha_t z_0 + sigma_t eps``, the usual ``q(z_t | x)``.
+    """
+    if z_s.shape != eps.shape:
+        raise ValueError(f"renoise: z_s {tuple(z_s.shape)} and eps {tuple(eps.shape)} differ")
+    lam_s, lam_t = diffusion_log_snr(alpha_s, sigma_s), diffusion_log_snr(alpha_t, sigma_t)
+    # lambda_s = +inf at s = 0: exp(-inf) = 0, the full variance sigma_t^2; clamp guards rounding below 0
+    var = ((1 - torch.exp(lam_t - lam_s)) * sigma_t ** 2).clamp(min=0)
+    shape = (-1, *([1] * (z_s.dim() - 1)))
+    return (alpha_t / alpha_s).view(shape) * z_s + var.sqrt().view(shape) * eps
+
+
+def stochastic_ddim_sample(denoise: Callable[[Tensor, Tensor], Tensor], z: Tensor, steps: int, *,
+                           noise: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """Meng et al.'s N-step stochastic sampler for a distilled model (On Distillation of Guided Diffusion
+    Models, CVPR 2023, arXiv 2210.03142), on the cosine schedule of :mod:`distill.functional.diffusion`
+    (``alpha_t = cos(pi t / 2)``, ``sigma_t = sin(pi t / 2)``, continuous ``t`` in [0, 1]: the library's, the
+    one the models here are trained on).
+
+    With ``N = steps`` and ``t = i/N``, for ``i = N..2`` (one network evaluation each):
+
+    1. a deterministic DDIM step of TWICE the step length, ``t -> t - 2/N`` (what an ``N/2``-step sampler
+       does): ``z_{t-2/N} = alpha_{t-2/N} x_hat + (sigma_{t-2/N} / sigma_t)(z_t - alpha_t x_hat)``,
+       ``x_hat = denoise(z_t, t)``;
+    2. a stochastic step BACK by the original step length, ``t - 2/N -> t - 1/N``, drawing from the forward
+       process ``q(z_{t-1/N} | z_{t-2/N})`` (:func:`renoise`).
+
+    The last step (``t = 1/N``) is deterministic: ``z_0 = x_hat(z_{1/N})``. So the sampler makes ``N`` network
+    evaluations, like the ``N``-step deterministic DDIM sampler (:func:`~distill.functional.diffusion.ddim_sample`)
+    it replaces, and visits the same times ``1, (N-1)/N, ..., 1/N`` the ``N``-step student was distilled at.
+    ``N = 1`` is the one-step deterministic sampler.
+
+    Args:
+        denoise: ``denoise(z_t (B, C, H, W), t (B,)) -> x_hat (B, C, H, W)``.
+        z: the starting noise ``z_1`` ``(B, C, H, W)``.
+        steps: ``N >= 1``.
+        noise: the re-noising ``eps`` ``(N - 1, B, C, H, W)`` (row ``k`` for the ``k``-th stochastic step); drawn
+            from ``N(0, I)`` with ``generator`` when ``None``.
+    Returns: ``x`` ``(B, C, H, W)`` (not clamped).
+
+    What we could read of the paper here: its abstract and introduction (which state that a stochastic
+    sampler for the distilled model is proposed), not its method section; the update rule above is the paper's
+    as we know it (the description in the issue agrees: a deterministic step of twice the step length, then a
+    stochastic step back by re-noising), and the last, deterministic step is as we recall it.
+    """
+    if steps < 1:
+        raise ValueError(f"stochastic_ddim_sample: steps must be >= 1; got {steps}")
+    if noise is not None and noise.shape != (steps - 1, *z.shape):
+        raise ValueError(f"stochastic_ddim_sample: noise must be (steps - 1, *z.shape) = {(steps - 1, *z.shape)}; "
+                         f"got {tuple(noise.shape)}")
+    b = z.shape[0]
+
+    def times(k: int) -> tuple[Tensor, Tensor]:
+        return cosine_alpha_sigma(torch.full((b,), k / steps, device=z.device, dtype=z.dtype))
+
+    for i in range(steps, 0, -1):
+        x_hat = denoise(z, torch.full((b,), i / steps, device=z.device, dtype=z.dtype))
+        if i == 1:
+            return x_hat
+        (a_t, s_t), (a_2, s_2), (a_1, s_1) = times(i), times(i - 2), times(i - 1)
+        z2 = ddim_step(z, x_hat, a_t, s_t, a_2, s_2)  # t -> t - 2/N, deterministic
+        k = steps - i
+        eps = noise[k].to(z) if noise is not None else torch.randn(z.shape, generator=generator).to(z)
+        z = renoise(z2, a_2, s_2, a_1, s_1, eps)  # t - 2/N -> t - 1/N, stochastic
+    return z  # not reached (steps >= 1 returns at i = 1)
+
+
 @torch.no_grad()
 def sample_diffusion(model: nn.Module, labels: Tensor, steps: int, *, w: float | None = None,
                      image_shape: tuple[int, int, int] | None = None, seed: int = 0, batch_size: int = 256,
-                     progress: bool = False) -> Tensor:
-    """DDIM samples ``(N, C, H, W)`` in [-1, 1] for ``labels`` ``(N,)`` in ``steps`` deterministic steps.
+                     progress: bool = False, stochastic: bool = False) -> Tensor:
+    """DDIM samples ``(N, C, H, W)`` in [-1, 1] for ``labels`` ``(N,)`` in ``steps`` deterministic steps, or with
+    ``stochastic=True`` Meng et al.'s ``steps``-step stochastic sampler (:func:`stochastic_ddim_sample`: the same
+    number of network evaluations).
 
     * a ``w``-conditioned model (Meng et al.'s student): one network evaluation per step, ``w`` its input;
     * a plain model with ``w`` given: classifier-free guidance, ``x_hat = (1 + w) x_hat_c - w x_hat_null``,
@@ -214,7 +294,9 @@ def sample_diffusion(model: nn.Module, labels: Tensor, steps: int, *, w: float |
 
     ``image_shape`` ``(C, H, W)`` defaults to the UNet's ``(channels, sample_size, sample_size)``. The noise
     ``z_1`` of sample ``n`` depends only on ``seed`` and ``n``, so models compared with one seed start from the
-    same noise. The last ``x_hat`` is clamped to [-1, 1].
+    same noise. The stochastic sampler starts from that same ``z_1``; its re-noising noise (``steps - 1`` draws per
+    sample) comes from the same generator after all the ``z_1`` (so it depends on ``seed``, ``n``, ``steps`` and
+    the number of samples, not on ``batch_size``). The last ``x_hat`` is clamped to [-1, 1].
     """
     model = _check_model(model, "sample_diffusion", "model")
     if model.w_conditioned and w is None:
@@ -223,12 +305,18 @@ def sample_diffusion(model: nn.Module, labels: Tensor, steps: int, *, w: float |
         cfg = model.unet.config
         image_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
     device = next(model.parameters()).device
+    if steps < 1:
+        raise ValueError(f"sample_diffusion: steps must be >= 1; got {steps}")
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn((labels.shape[0], *image_shape), generator=gen)
+    if stochastic:  # (N, steps - 1, C, H, W), drawn after z_1 (which stays the deterministic sampler's)
+        # one generator: a second one seeded "seed + 2**32" would repeat z_1's stream (CPU seeds are 32-bit)
+        renoise_eps = torch.randn((labels.shape[0], steps - 1, *image_shape), generator=gen)
     was_training = model.training
     model.eval()
     out = []
-    with StepProgress(progress, f"sampling ({steps} steps)", labels.shape[0]) as bar:
+    with StepProgress(progress, f"sampling ({steps} {'stochastic ' if stochastic else ''}steps)",
+                      labels.shape[0]) as bar:
         for lo in range(0, labels.shape[0], batch_size):
             c = labels[lo:lo + batch_size].to(device).long()
             z = noise[lo:lo + batch_size].to(device)
@@ -246,7 +334,12 @@ def sample_diffusion(model: nn.Module, labels: Tensor, steps: int, *, w: float |
                 x = x_from_v(torch.cat([z_t, z_t]), v, torch.cat([a, a]), torch.cat([s, s]))
                 return guided_x(x[:b], x[b:], w)
 
-            out.append(ddim_sample(denoise, z, steps).clamp(-1, 1).cpu())
+            if stochastic:
+                eps = renoise_eps[lo:lo + batch_size].transpose(0, 1).to(device)  # (steps - 1, b, C, H, W)
+                x = stochastic_ddim_sample(denoise, z, steps, noise=eps)
+            else:
+                x = ddim_sample(denoise, z, steps)
+            out.append(x.clamp(-1, 1).cpu())
             bar.advance(steps=b)
     model.train(was_training)
     return torch.cat(out)
