@@ -23,7 +23,8 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("train", ["distill.train"]),
     ("strategies, synthesis", ["distill.strategies", "distill.synthesis"]),
     ("recipes", ["distill.recipes", "distill.report"]),
-    ("runner", ["distill.runner", "distill.lm_runner", "distill.graph_runner", "distill.demo", "distill.auto"]),
+    ("runner", ["distill.runner", "distill.lm_runner", "distill.graph_runner",
+                "distill.generative_runner", "distill.recipe_runs", "distill.demo", "distill.auto"]),
     ("commands", ["distill.cli", "distill.__main__", "distill"]),
 ]
 

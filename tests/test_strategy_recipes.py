@@ -116,19 +116,19 @@ PYTHON_ONLY = {
     "stylegan2_distillation": "a teacher GAN and a classifier; generated pairs (tests/test_gen_stylegan2_distillation.py, "
                              "examples/generative/stylegan2_distillation.py)",
     "darkgan": "a GAN (generator + discriminator) trained on images with a classifier teacher's soft labels "
-               "(tests/test_gen_darkgan.py, examples/generative/darkgan.py)",
+               "(tests/test_gen_darkgan.py, examples/generative/darkgan.py; recipe: recipes/generative/fashion_darkgan.yaml)",
     "stylekd": "a teacher GAN generator distilled into a narrower generator (tests/test_gen_stylekd.py, "
-               "examples/generative/stylekd.py)",
+               "examples/generative/stylekd.py; recipe: recipes/generative/mnist_stylekd.yaml)",
     "self_distilled_stylegan": "two GANs trained on a contaminated image set, filtered in between (tests/test_gen_gan.py, "
                                "examples/generative/self_distilled_stylegan.py)",
     "guided_diffusion_distill": "a diffusion model distilled into a guidance-conditioned one (tests/test_gen_diffusion.py, "
-                                "examples/generative/diffusion_distill.py)",
+                                "examples/generative/diffusion_distill.py; recipe: recipes/generative/mnist_diffusion.yaml)",
     "progressive_distill": "a diffusion model's DDIM steps halved per round (tests/test_gen_diffusion.py, "
-                           "examples/generative/diffusion_distill.py)",
+                           "examples/generative/diffusion_distill.py; recipe: recipes/generative/mnist_diffusion.yaml)",
     "graph_free_kd": "a GNN teacher and synthetic graphs, node classification on a whole graph, not a digits recipe "
                      "(tests/test_graph_free.py, examples/graph/graph_free_kd.py)",
     "r2l": "a NeRF teacher on a rendered 3-D scene and rays, not a digits recipe (tests/test_gen_lightfield.py, "
-           "examples/generative/r2l.py)",
+           "examples/generative/r2l.py; recipe: recipes/generative/scene_r2l.yaml)",
     # issue 17 (A)
     "adversarial_imitation": "a token-tagging task (word ids + gold annotations), not a digits recipe "
                              "(tests/test_i17_A_adversarial.py, examples/adversarial/adversarial_imitation.py)",

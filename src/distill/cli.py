@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -170,6 +172,10 @@ def _cmd_run(args: argparse.Namespace, kind: str | None = None) -> int:
 
     if is_graph_recipe(args.recipe):
         return _cmd_run_graph(args, kind)
+    from distill.generative_runner import is_generative_recipe
+
+    if is_generative_recipe(args.recipe):
+        return _cmd_run_generative(args, kind)
     recipe = load_recipe(args.recipe)
     if args.logger:  # added to the recipe's train.loggers, then validated like the recipe itself
         from distill.recipes import parse_recipe
@@ -211,20 +217,35 @@ def _cmd_run_lm(args: argparse.Namespace, kind: str | None) -> int:
     return 0
 
 
+def _cmd_run_rows(args: argparse.Namespace, kind: str | None, label: str, load: Callable[[str], Any],
+                  run: Callable[..., Path]) -> int:
+    """``distill run`` of a recipe whose runner takes ``out_dir``, ``progress``, ``resume``, ``overwrite`` and
+    ``rows`` (graph and generative recipes); ``label`` names the kind in errors."""
+    recipe = load(args.recipe)
+    if kind == "train" or args.logger or args.seeds:
+        what = "'distill train'" if kind == "train" else "--logger" if args.logger else "--seeds"
+        err.print(f"[red]error:[/red] {args.recipe} is a {label}: {what} does not apply "
+                  "(its seeds are the recipe's seeds)")
+        return 2
+    folder = run(recipe, out_dir=args.out, progress=not args.no_progress, resume=args.resume,
+                 overwrite=args.overwrite, rows=args.rows.split(",") if args.rows else None)
+    console.print(f"run folder: {folder} (report.md, results.json)")
+    return 0
+
+
 def _cmd_run_graph(args: argparse.Namespace, kind: str | None) -> int:
     """``distill run`` of a graph recipe (``kind: graph``, :mod:`distill.graph_runner`)."""
     from distill.graph_runner import load_graph_recipe, run_graph_recipe
 
-    recipe = load_graph_recipe(args.recipe)
-    if kind == "train" or args.logger or args.seeds:
-        what = "'distill train'" if kind == "train" else "--logger" if args.logger else "--seeds"
-        err.print(f"[red]error:[/red] {args.recipe} is a graph recipe (kind: graph): {what} does not apply "
-                  "(its seeds are the recipe's seeds)")
-        return 2
-    folder = run_graph_recipe(recipe, out_dir=args.out, progress=not args.no_progress, resume=args.resume,
-                              overwrite=args.overwrite, rows=args.rows.split(",") if args.rows else None)
-    console.print(f"run folder: {folder} (report.md, results.json)")
-    return 0
+    return _cmd_run_rows(args, kind, "graph recipe (kind: graph)", load_graph_recipe, run_graph_recipe)
+
+
+def _cmd_run_generative(args: argparse.Namespace, kind: str | None) -> int:
+    """``distill run`` of a generative recipe (``kind: generative``, :mod:`distill.generative_runner`)."""
+    from distill.generative_runner import load_generative_recipe, run_generative_recipe
+
+    return _cmd_run_rows(args, kind, "generative recipe (kind: generative)", load_generative_recipe,
+                         run_generative_recipe)
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -370,8 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="replace the results already in the run folders (they are cleared first); "
                                 "without --resume or --overwrite a run refuses a folder that holds results")
         r.add_argument("--no-progress", action="store_true")
-        r.add_argument("--rows", default=None, help="language-model and graph recipes: only these comma-separated rows of "
-                                                    "'students' (the others keep their earlier results)")
+        r.add_argument("--rows", default=None, help="language-model, graph and generative recipes: only these "
+                                                    "comma-separated rows of 'students' / 'rows' (the others keep "
+                                                    "their earlier results)")
         r.add_argument("--logger", action="append", default=[], metavar="NAME",
                        help="also log each epoch's metrics to tensorboard (RUN/tensorboard) or mlflow; repeatable")
         r.set_defaults(func=lambda a, k=kind: _cmd_run(a, k))

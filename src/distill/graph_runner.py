@@ -27,28 +27,33 @@ refused unless ``--resume`` (continue) or ``--overwrite`` (start again).
 
 from __future__ import annotations
 
-import inspect
-import statistics
 import time
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
 from pydantic import Field, field_validator, model_validator
 from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from distill.files import atomic_write_json, atomic_write_text, read_json
-from distill.locks import RunLock
+from distill.files import atomic_write_text
 from distill.methods.base import create_method, method_info
 from distill.models import create, list_models
+from distill.recipe_runs import (
+    check_row_name,
+    check_seeds,
+    check_strategy_arg_names,
+    load_weights,
+    mean_std,
+    recipe_kind,
+    recipe_run,
+    rows_to_run,
+)
 from distill.recipes import RecipeError, _Strict, read_recipe_file, validate_losses, validate_schema
 from distill.strategies.graph import distill_graph, masked_accuracy
 from distill.strategies.registry import list_strategies, strategy_info
-from distill.train.checkpoint import load_model, save_model
-from distill.train.rundir import RunFolderError
+from distill.train.checkpoint import save_model
 
 console = Console()
 
@@ -117,16 +122,13 @@ class GraphRecipe(_Strict):
         for row, spec in rows.items():
             if not spec:
                 raise ValueError(f"row {row!r} has no losses (e.g. {{ce: 1.0}}) and no strategy")
-            if not row.replace("_", "").replace("-", "").isalnum():
-                raise ValueError(f"row name {row!r}: use letters, digits, '_' and '-' (it names files)")
+            check_row_name(row)
         return rows
 
     @field_validator("seeds")
     @classmethod
     def _distinct(cls, seeds: list[int]) -> list[int]:
-        if len(set(seeds)) != len(seeds):
-            raise ValueError(f"seeds repeat: {seeds}")
-        return seeds
+        return check_seeds(seeds)
 
     @model_validator(mode="after")
     def _hetero_models(self) -> GraphRecipe:
@@ -137,11 +139,7 @@ class GraphRecipe(_Strict):
 
 def is_graph_recipe(path: str | Path) -> bool:
     """Whether the YAML file at ``path`` is a graph recipe (``kind: graph``)."""
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
-        return False
-    return isinstance(data, dict) and data.get("kind") == "graph"
+    return recipe_kind(path) == "graph"
 
 
 def _check_strategy_row(row: str, spec: GraphStrategyRow) -> None:
@@ -149,13 +147,8 @@ def _check_strategy_row(row: str, spec: GraphStrategyRow) -> None:
     if spec.strategy not in names:
         raise RecipeError(f"students.{row}.strategy: {spec.strategy!r} is not a graph strategy "
                           f"(graph strategies: {sorted(names)})")
-    params = inspect.signature(strategy_info(spec.strategy).fn).parameters
-    for key in spec.args:
-        if key in STRATEGY_OWN_ARGS:
-            raise RecipeError(f"students.{row}.args.{key}: set by the runner, not the recipe")
-        if key not in params:
-            allowed = sorted(p for p in params if p not in STRATEGY_OWN_ARGS)
-            raise RecipeError(f"students.{row}.args.{key}: unknown argument of {spec.strategy} (it takes {allowed})")
+    check_strategy_arg_names(f"students.{row}.args", spec.strategy, strategy_info(spec.strategy).fn, spec.args,
+                             STRATEGY_OWN_ARGS)
 
 
 def row_kind(spec: dict[str, Any]) -> str:
@@ -260,56 +253,19 @@ def _methods(losses: dict[str, dict[str, Any]], graph: Any) -> tuple[float, dict
     return ce, methods
 
 
-def _load(model: nn.Module, path: Path) -> None:
-    """The teacher's weights from ``path`` (:func:`~distill.train.checkpoint.load_model`: no code runs, the
-    checksum is checked); a recipe error when they do not fit the teacher model."""
-    if not path.is_file():
-        raise FileNotFoundError(f"teacher checkpoint {str(path)!r} does not exist")
-    try:
-        load_model(path, model)
-    except ValueError as e:
-        raise RecipeError(f"teacher checkpoint {str(path)!r} does not fit the teacher model: {e}") from None
-
-
 def run_graph_recipe(recipe: GraphRecipe, *, out_dir: str | Path | None = None, progress: bool = True,
                      resume: bool = False, overwrite: bool = False, rows: list[str] | None = None) -> Path:
     """Run a graph recipe (see the module docstring); returns its folder ``OUT/NAME``."""
-    unknown = sorted(set(rows or ()) - set(recipe.students))
-    if unknown:
-        raise RecipeError(f"rows {unknown} are not in the recipe's students {sorted(recipe.students)}")
-    if resume and overwrite:
-        raise ValueError("resume and overwrite exclude each other: resume continues the results, overwrite replaces them")
-    folder = Path(out_dir or recipe.output_dir) / recipe.name
-    folder.mkdir(parents=True, exist_ok=True)
-    if recipe.threads is not None:
-        torch.set_num_threads(recipe.threads)
-    with RunLock(folder):
-        recipe_file, text = folder / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
-        results_file = folder / "results.json"
-        if recipe_file.is_file() and recipe_file.read_text() != text and not overwrite:
-            raise RunFolderError(f"{str(folder)!r} holds the results of another version of the recipe {recipe.name!r} "
-                                 "(its recipe.yaml differs from this one): pass --overwrite to replace them, or give "
-                                 "the recipe another name or --out")
-        done: dict[str, Any] = {}
-        if results_file.is_file() and not overwrite:
-            if not resume and not rows:
-                raise RunFolderError(f"{str(folder)!r} already holds results of {recipe.name!r}: pass --resume to "
-                                     "continue them, --overwrite to start again, or --out for another folder")
-            done = read_json(results_file, "graph recipe results")
-        atomic_write_text(recipe_file, text)
-        teachers: dict[str, Any] = dict(done.get("teacher", {}))
-        results: dict[str, Any] = {row: dict(v) for row, v in done.get("rows", {}).items()}
-        summary: dict[str, Any] = {}
+    with recipe_run(recipe, recipe.students, out_dir=out_dir, resume=resume, overwrite=overwrite, rows=rows,
+                    what="graph recipe results", row_word="students") as run:
+        folder, teachers, results = run.folder, run.teachers, run.results
 
         def write() -> None:
             data = recipe.data.model_dump(mode="json", exclude={"grid", "leave_out"} if recipe.data.graph == "knn" else None)
-            summary.update(recipe=recipe.name, data=data, seeds=recipe.seeds,
-                           teacher=teachers, rows=results)
-            atomic_write_json(results_file, summary)
+            run.write(data=data)
 
         for seed in recipe.seeds:
-            todo = [r for r in recipe.students if (not rows or r in rows)
-                    and (overwrite or rows or str(seed) not in results.get(r, {}).get("seeds", {}))]
+            todo = rows_to_run(recipe.students, seed, results, rows, overwrite)
             if not todo:
                 continue
             run_dir = folder / f"seed{seed}"
@@ -323,10 +279,10 @@ def run_graph_recipe(recipe: GraphRecipe, *, out_dir: str | Path | None = None, 
                 _check_teacher_for_strategies(recipe, teacher)
                 weights = run_dir / "teacher.safetensors"
                 if recipe.teacher.checkpoint is not None:
-                    _load(teacher, Path(recipe.teacher.checkpoint))
+                    load_weights(teacher, Path(recipe.teacher.checkpoint))
                     how = f"loaded from {recipe.teacher.checkpoint}"
                 elif weights.is_file() and str(seed) in teachers and not overwrite:
-                    _load(teacher, weights)
+                    load_weights(teacher, weights)
                     how = f"reused from {weights}"
                 else:
                     t = recipe.teacher.train
@@ -369,15 +325,9 @@ def run_graph_recipe(recipe: GraphRecipe, *, out_dir: str | Path | None = None, 
                 write()
                 console.print(f"seed {seed}: {row}: val {val_acc:.1f}  test {test_acc:.1f}")
         write()
-        atomic_write_text(folder / "report.md", report_markdown(summary))
-        console.print(results_table(summary))
+        atomic_write_text(folder / "report.md", report_markdown(run.summary))
+        console.print(results_table(run.summary))
     return folder
-
-
-def _mean_std(values: list[float]) -> str:
-    if not values:
-        return "—"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
 
 
 def _describe(spec: dict[str, Any]) -> str:
@@ -390,8 +340,8 @@ def _cells(summary: dict[str, Any]) -> list[tuple[str, str, str, str, str, int]]
     out = []
     for row, r in summary.get("rows", {}).items():
         runs = list(r["seeds"].values())
-        out.append((row, _describe(r["spec"]), f"{r['parameters']:,}", _mean_std([x["val_acc"] for x in runs]),
-                    _mean_std([x["test_acc"] for x in runs]), len(runs)))
+        out.append((row, _describe(r["spec"]), f"{r['parameters']:,}", mean_std([x["val_acc"] for x in runs]),
+                    mean_std([x["test_acc"] for x in runs]), len(runs)))
     return out
 
 
@@ -403,8 +353,8 @@ def report_markdown(summary: dict[str, Any]) -> str:
     t = summary.get("teacher", {})
     if t:
         runs = list(t.values())
-        lines += ["", f"Teacher: {runs[0]['parameters']:,} parameters, val {_mean_std([x['val_acc'] for x in runs])}, "
-                  f"test {_mean_std([x['test_acc'] for x in runs])} ({len(runs)} seed(s))."]
+        lines += ["", f"Teacher: {runs[0]['parameters']:,} parameters, val {mean_std([x['val_acc'] for x in runs])}, "
+                  f"test {mean_std([x['test_acc'] for x in runs])} ({len(runs)} seed(s))."]
     lines += ["", f"Graph: {summary['data']}", ""]
     return "\n".join(lines)
 

@@ -530,7 +530,7 @@ def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
         raise RecipeError(f"{source} is a synthesis recipe (kind: synth): run it with 'distill synth'")
     if isinstance(data, dict) and data.get("kind") == "auto":
         raise RecipeError(f"{source} is a search spec (kind: auto): run it with 'distill auto'")
-    if isinstance(data, dict) and data.get("kind") in ("graph", "lm"):
+    if isinstance(data, dict) and data.get("kind") in ("graph", "lm", "generative"):
         raise RecipeError(f"{source} is a recipe of kind {data['kind']!r}: 'distill run' reads it with its own schema "
                           f"(distill.{data['kind']}_runner)")
     recipe = validate_schema(Recipe, data, source)
