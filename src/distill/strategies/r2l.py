@@ -28,8 +28,9 @@ commands):
 * the code's hard-ray mining (``--hard_ratio 0.2 --hard_mul 20``: the 20% rays of each batch with the largest
   error are kept in a pool and re-used, :class:`HardRayPool`) is available (``hard_ratio``) but off by default:
   we could not confirm it in the paper;
-* not implemented: the NeRF teacher's hierarchical (fine) sampling: our teacher renders with ``num_samples``
-  stratified samples only.
+* the NeRF teacher's hierarchical (coarse-to-fine) sampling (NeRF, Mildenhall et al. ECCV 2020, arXiv
+  2003.08934, Section 5.2) is an option of the teacher: ``NeRF(num_fine_samples=N_f)`` (see
+  :func:`render_hierarchical`); off by default, so the teacher renders ``num_samples`` stratified samples only.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from torch import Tensor, nn
 
 from distill import functional as DF
 from distill.data.lightfield import LightFieldViews, get_rays, pose_spherical
-from distill.models.nerf import NeLF, NeRF, sample_depths
+from distill.models.nerf import NeLF, NeRF, fine_uniforms, sample_depths, sample_pdf
 from distill.papers import Paper
 from distill.progress import StepProgress
 from distill.strategies.registry import register_strategy
@@ -58,6 +59,7 @@ __all__ = [
     "make_pseudo_data",
     "pseudo_poses",
     "r2l",
+    "render_hierarchical",
     "render_image",
     "render_nerf_rays",
     "time_per_image",
@@ -82,14 +84,62 @@ def render_nerf_rays(teacher: NeRF, rays: Tensor, *, near: float, far: float, nu
                      generator: torch.Generator | None = None) -> dict[str, Tensor]:
     """Volume-render ``rays`` (N, 6) = (origin, direction) with ``num_samples`` samples each (stratified
     when ``perturb``): ``{"rgb": (N, 3), "acc": (N,), "depth": (N,), "weights": (N, S)}``. Differentiable;
-    call under ``torch.no_grad()`` to only render."""
+    call under ``torch.no_grad()`` to only render. A teacher with a fine network (``NeRF(num_fine_samples=N_f)``)
+    renders hierarchically (:func:`render_hierarchical`, ``num_samples`` coarse samples) and returns its keys."""
     if rays.dim() != 2 or rays.shape[-1] != 6:
         raise ValueError(f"rays must be (N, 6) = (origin, direction), got {tuple(rays.shape)}")
+    fine = getattr(teacher, "fine", None)
+    if fine is not None:
+        return render_hierarchical(teacher, fine, rays, near=near, far=far, num_samples=num_samples,
+                                   num_fine_samples=teacher.num_fine_samples, background=background,
+                                   perturb=perturb, generator=generator)
     o, d = rays[:, :3], rays[:, 3:]
     t = sample_depths(near, far, num_samples, rays.shape[0], perturb=perturb, generator=generator, device=rays.device)
     rgb, sigma = teacher(o[:, None, :] + t[..., None] * d[:, None, :])
     deltas = DF.interval_lengths(t, far, d.norm(dim=-1))
     return DF.volume_render(rgb, sigma, deltas, t, background)
+
+
+def render_hierarchical(coarse: nn.Module, fine: nn.Module, rays: Tensor, *, near: float, far: float,
+                        num_samples: int, num_fine_samples: int, background: Tensor | None = None,
+                        perturb: bool = False, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    """NeRF's hierarchical volume sampling (Mildenhall et al., "NeRF: Representing Scenes as Neural Radiance
+    Fields for View Synthesis", ECCV 2020, arXiv 2003.08934, Section 5.2) of ``rays`` (N, 6).
+
+    1. ``N_c = num_samples`` stratified depths ``t^c`` (N, N_c) (:func:`sample_depths`; bin centres unless
+       ``perturb``); the ``coarse`` field composites them: weights ``w_i = T_i (1 - exp(-σ_i δ_i))`` (N, N_c).
+    2. ``N_f = num_fine_samples`` depths ``t^f`` (N, N_f) from the piecewise-constant PDF ``ŵ_i = w_i / Σ_j w_j``
+       by inverse transform sampling (:func:`~distill.models.nerf.sample_pdf`, uniforms from
+       :func:`~distill.models.nerf.fine_uniforms`: random when ``perturb``, fixed quantiles otherwise). Bin
+       ``i`` is ``[t^c_i, t^c_{i+1})`` (the last ends at ``far``): the interval ``δ_i`` that ``w_i`` is the
+       termination probability of (nerf-pytorch's bins run between the samples' midpoints and drop the first
+       and last weight). The weights are detached: no gradient flows through the sampling.
+    3. The ``fine`` field composites all ``N_c + N_f`` depths, sorted, (N, N_c + N_f).
+
+    Returns the fine rendering ``{"rgb": (N, 3), "acc": (N,), "depth": (N,), "weights": (N, N_c + N_f),
+    "depths": (N, N_c + N_f)}`` and the coarse one under ``"rgb_coarse"``, ``"acc_coarse"``,
+    ``"weights_coarse"`` (N, N_c), ``"depths_coarse"`` (N, N_c). NeRF trains both networks on the sum of the two
+    renderings' squared errors (:func:`train_nerf` does); the fine rendering is the picture.
+    """
+    if rays.dim() != 2 or rays.shape[-1] != 6:
+        raise ValueError(f"rays must be (N, 6) = (origin, direction), got {tuple(rays.shape)}")
+    if num_fine_samples <= 0:
+        raise ValueError(f"num_fine_samples must be > 0 for hierarchical sampling, got {num_fine_samples}")
+    o, d = rays[:, :3], rays[:, 3:]
+    norm = d.norm(dim=-1)
+    t_c = sample_depths(near, far, num_samples, rays.shape[0], perturb=perturb, generator=generator,
+                        device=rays.device)
+    rgb_c, sigma_c = coarse(o[:, None, :] + t_c[..., None] * d[:, None, :])
+    out_c = DF.volume_render(rgb_c, sigma_c, DF.interval_lengths(t_c, far, norm), t_c, background)
+    edges = torch.cat([t_c, torch.full_like(t_c[:, :1], far)], -1)  # (N, N_c + 1)
+    u = fine_uniforms(rays.shape[0], num_fine_samples, perturb=perturb, generator=generator, device=rays.device)
+    t_f = sample_pdf(edges, out_c["weights"].detach(), u)
+    t_all = torch.sort(torch.cat([t_c, t_f], -1), -1).values
+    rgb_f, sigma_f = fine(o[:, None, :] + t_all[..., None] * d[:, None, :])
+    out = DF.volume_render(rgb_f, sigma_f, DF.interval_lengths(t_all, far, norm), t_all, background)
+    out["depths"] = t_all
+    out.update(rgb_coarse=out_c["rgb"], acc_coarse=out_c["acc"], weights_coarse=out_c["weights"], depths_coarse=t_c)
+    return out
 
 
 @torch.no_grad()
@@ -168,7 +218,9 @@ def train_nerf(teacher: NeRF, views: LightFieldViews, *, steps: int = 3000, batc
     """Train the teacher NeRF on the real views: random batches of ``batch_rays`` pixels over all views,
     stratified samples, MSE to the pixel colours (NeRF's photometric loss), Adam with ``lr`` decayed
     exponentially to ``final_lr_ratio · lr``. NeRF's are lr 5e-4 → 5e-5, 4096 rays, 64 + 128 samples; ours
-    are CPU-sized. Returns the loss every 100 steps."""
+    are CPU-sized. With a fine network (``NeRF(num_fine_samples=N_f)``) the rendering is hierarchical
+    (:func:`render_hierarchical`, ``num_samples = N_c``) and the loss is the coarse plus the fine rendering's
+    MSE (NeRF Section 5.2), so both networks learn. Returns the loss every 100 steps."""
     _check_steps(steps=steps, batch_rays=batch_rays, num_samples=num_samples)
     device = next(teacher.parameters()).device
     o, d, colors = views.rays()
@@ -185,6 +237,8 @@ def train_nerf(teacher: NeRF, views: LightFieldViews, *, steps: int = 3000, batc
             out = render_nerf_rays(teacher, rays[idx], near=views.near, far=views.far, num_samples=num_samples,
                                    background=views.background, perturb=True, generator=g)
             loss = ((out["rgb"] - colors[idx]) ** 2).mean()
+            if "rgb_coarse" in out:  # hierarchical: NeRF's loss sums the coarse and the fine rendering's errors
+                loss = loss + ((out["rgb_coarse"] - colors[idx]) ** 2).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -370,7 +424,8 @@ def r2l(student: NeLF, train_views: LightFieldViews, test_views: LightFieldViews
         test_views: held-out views for the PSNR and timing in the result (optional).
         teacher: the NeRF; trained here first for ``teacher_steps`` steps (``0``: it is already trained)
             with :func:`train_nerf` (``teacher_kwargs`` go to it: lr, batch_rays...).
-        num_samples: the teacher's samples per ray when rendering pseudo-data and test views.
+        num_samples: the teacher's samples per ray when rendering pseudo-data and test views (the coarse
+            samples ``N_c`` of a hierarchical teacher, ``NeRF(num_fine_samples=N_f)``).
         pseudo_images: how many pseudo views the teacher renders (R2L: 10,000).
         focal_scale: the range the pseudo views' focal length is scaled by (R2L's code: ``[1, 2)``).
         distill_steps, finetune_steps: steps on pseudo-data, then on the real views (R2L's README: 1.2M, and
@@ -419,5 +474,5 @@ def r2l(student: NeLF, train_views: LightFieldViews, test_views: LightFieldViews
         result.teacher_time_s = time_per_image(teacher, test_views, num_samples=num_samples)
         result.student_time_s = time_per_image(student, test_views)
         result.speedup = result.teacher_time_s / result.student_time_s
-        result.macs_ratio = student.macs_per_ray() / (teacher.macs_per_point() * num_samples)
+        result.macs_ratio = student.macs_per_ray() / teacher.macs_per_ray(num_samples)
     return result
