@@ -12,7 +12,11 @@ from distill.recipes import RecipeError, load_recipe, parse_recipe, read_recipe_
 
 DENSE = Path(__file__).resolve().parents[1] / "recipes" / "dense"
 RECIPES3D = ["bev_pillars_teacher.yaml", "bev_sparse_kd3d.yaml", "bev_pointdistiller.yaml", "bev_lidar_distill.yaml",
-             "mono3d_monodistill.yaml"]
+             "mono3d_monodistill.yaml", "bev_pillars_student.yaml", "bev_pillars_student_16beams.yaml",
+             "mono3d_student.yaml"]
+# each distillation recipe and its student-from-scratch row (a kind-train recipe of the same protocol)
+SCRATCH_ROWS = {"bev_sparse_kd3d.yaml": "bev_pillars_student.yaml", "bev_pointdistiller.yaml": "bev_pillars_student.yaml",
+                "bev_lidar_distill.yaml": "bev_pillars_student_16beams.yaml", "mono3d_monodistill.yaml": "mono3d_student.yaml"}
 
 
 @pytest.fixture(autouse=True)
@@ -47,6 +51,21 @@ def test_each_3d_recipe_parses(name):
     task_loss = "mono3d_loss" if recipe.data.task == "mono3d" else "bev_loss"
     assert task_loss in recipe.losses
     assert (recipe.kind == "train") == (recipe.teacher is None)
+
+
+@pytest.mark.parametrize("name", sorted(SCRATCH_ROWS))
+def test_each_distillation_recipe_has_its_scratch_row(name):
+    """The scratch row differs from its distillation recipe only by the teacher and the distillation
+    losses: same data (the student's scan), seeds, student and schedule, so a seed's two students start
+    from the same weights and see the same batches, and the gap between them is the method's."""
+    kd, alone = load_recipe(DENSE / name), load_recipe(DENSE / SCRATCH_ROWS[name])
+    assert alone.kind == "train" and alone.teacher is None
+    student_scan = {k: v for k, v in kd.data.options.items() if k != "teacher_beams"}
+    assert alone.data.model_dump() == kd.data.model_copy(update={"options": student_scan}).model_dump()
+    assert (alone.seeds, alone.student, alone.train) == (kd.seeds, kd.student, kd.train)
+    task = "mono3d_loss" if kd.data.task == "mono3d" else "bev_loss"
+    assert alone.losses == {task: kd.losses[task]}
+    assert len(kd.seeds) >= 3 and set(kd.losses) - {task}  # seeds for a spread; a distillation loss beside
 
 
 def test_lidar_distill_recipe_runs_with_the_teacher_on_the_full_scan(tmp_path, monkeypatch):
@@ -131,3 +150,22 @@ def test_teacher_beams_needs_a_bev_teacher():
     mono["data"]["options"].update(beams=16, teacher_beams=64)
     with pytest.raises(RecipeError, match="data.options.teacher_beams: .*task 'bev'"):
         parse_recipe(mono)
+
+
+def test_the_teacher_spec_records_the_teachers_scan_not_the_students():
+    """An in-run teacher is reused when teacher_spec.json matches: with data.options.teacher_beams it is
+    trained on that scan, so a new student scan (16 -> 32 beams) keeps it, and it is the same teacher as
+    the 64-beam recipes' (same model, protocol and scans); a new teacher scan does not keep it."""
+    from distill.runner import teacher_fingerprint
+
+    lidar = _tiny("bev_lidar_distill.yaml")
+    wider = _tiny("bev_lidar_distill.yaml")
+    wider["data"]["options"]["beams"] = 32
+    spec16, spec32 = (teacher_fingerprint(parse_recipe(raw), 0) for raw in (lidar, wider))
+    assert spec16 == spec32 and spec16["data"]["options"]["beams"] == 64
+    assert "teacher_beams" not in spec16["data"]["options"]
+    assert spec16 == teacher_fingerprint(parse_recipe(_tiny("bev_sparse_kd3d.yaml")), 0)
+    fewer = _tiny("bev_lidar_distill.yaml")
+    fewer["data"]["options"]["teacher_beams"] = 32
+    assert teacher_fingerprint(parse_recipe(fewer), 0)["data"]["options"]["beams"] == 32
+

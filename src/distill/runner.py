@@ -635,7 +635,8 @@ def teacher_fingerprint(recipe: Recipe, member: int) -> dict[str, Any]:
     train_spec = t.train.model_dump(mode="json", exclude={"loggers"}) if t.train else None
     return {"model": spec.model_dump(mode="json"), "train": train_spec,
             "label_smoothing": t.label_smoothing, "train_subset": t.train_subset,
-            "data": recipe.data.model_dump(mode="json", exclude=unused), "member": member}
+            # the data the teacher trains on (with teacher_beams: its denser scan), not the student's scan
+            "data": _teacher_data_spec(recipe.data).model_dump(mode="json", exclude=unused), "member": member}
 
 
 def _check_folders(recipe: Recipe, losses: dict[str, dict[str, Any]], base: Path, seeds: list[int], *,
