@@ -22,7 +22,8 @@ the same measures for real test images: for each ``c_i`` another test image of t
 
     python benchmarks/generative_darkgan.py [--quick] [--seeds 1] [--dataset fashion_mnist|mnist]
         [--steps 800] [--batch 32] [--width 32] [--train-subset 20000] [--eval-size 1000]
-        [--rows darkgan onehot uncond] [--threads 1]
+        [--rows darkgan onehot uncond] [--threads 1] [--first-seed 0] [--results-json FILE]
+    python benchmarks/generative_darkgan.py --merge FILE [FILE ...]   # one table from seeds run apart
 
 ``--quick`` is a smoke run (< 2 min): tiny budgets and nets trained on a slice; its numbers say the
 pipeline runs, not how good a method is.
@@ -124,7 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--teacher-epochs", type=int, default=2)
     ap.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed .. first-seed + seeds - 1")
+    ap.add_argument("--results-json", default=None, help="also write every seed's numbers to this JSON file")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="print one table from --results-json files of runs with the same settings, train nothing")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args.merge)
     if args.seeds < 1:
         ap.error(f"--seeds must be a positive int; got {args.seeds}")
     if args.quick:
@@ -147,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     k = targets.shape[1]
 
     results: dict[str, list[dict[str, float]]] = {r: [] for r in ("reference", *args.rows)}
-    for seed in range(args.seeds):
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    for seed in seeds:
         results["reference"].append(reference_row(targets, test_logits, x_eval, x_ref, fnet, seed))
         for row in args.rows:
             cond = CONDITIONING[row]
@@ -163,27 +171,59 @@ def main(argv: list[str] | None = None) -> int:
             ev["time_s"] = res.time_s
             results[row].append(ev)
             print(f"[darkgan bench] seed {seed} {row}: kl {ev['kl']:.4f} top1 {ev['top1']:.3f} fid {ev['fid']:.2f} "
+                  f"kid {ev['kid']:.4f} "
                   f"({res.time_s:.0f} s)", file=sys.stderr, flush=True)
 
-    labels = {"reference": "real test images (same teacher class; held-out half for FID)",
-              "darkgan": "DarkGAN: teacher soft labels (T = 3)", "onehot": "teacher top-1, one-hot (AC-GAN)",
-              "uncond": "none (plain GAN)"}
-    print(f"DarkGAN on {args.dataset}: {len(x_train)} training images, {args.steps} steps, batch {args.batch}, "
-          f"width {args.width}, seeds {list(range(args.seeds))}.")
-    print(f"Teacher: {teacher_net.name}, test top-1 {teacher_acc:.4f}. FID/KID extractor: {fnet.name}. "
-          f"{m} held-out test images.")
+    header = [f"DarkGAN on {args.dataset}: {len(x_train)} training images, {args.steps} steps, batch {args.batch}, "
+              f"width {args.width}, seeds {seeds}.",
+              f"Teacher: {teacher_net.name}, test top-1 {teacher_acc:.4f}. FID/KID extractor: {fnet.name} (KID on its "
+              f"features standardised by the training split). {m} held-out test images."]
+    if args.results_json:
+        import json
+
+        Path(args.results_json).write_text(json.dumps({"header": header, "seeds": seeds, "results": {
+            row: [{k: float(v) for k, v in r.items() if not isinstance(v, str)} for r in rs]  # numbers only
+            for row, rs in results.items()}}))
+    _table(header, results)
+    print()
+    print(f"command: {command}  (total {time.perf_counter() - t_start:.0f} s)")
+    return 0
+
+
+LABELS = {"reference": "real test images (same teacher class; held-out half for FID)",
+          "darkgan": "DarkGAN: teacher soft labels (T = 3)", "onehot": "teacher top-1, one-hot (AC-GAN)",
+          "uncond": "none (plain GAN)"}
+
+
+def merge(paths: list[str]) -> int:
+    """One table (mean ± std over every seed) from several ``--results-json`` files (runs of other seeds
+    or other rows with the same settings)."""
+    import json
+
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    by_key: dict[str, dict[int, dict[str, float]]] = {}  # row -> seed -> numbers: runs of single rows repeat
+    for run in runs:                                     # the reference row of their seed; it is kept once
+        for row, rs in run["results"].items():
+            by_key.setdefault(row, {}).update(zip(run["seeds"], rs))
+    order = ["reference", *[r for r in LABELS if r != "reference"]]
+    results = {row: [by_key[row][s] for s in sorted(by_key[row])] for row in order if row in by_key}
+    seeds = sorted({s for run in runs for s in run["seeds"]})
+    header = [runs[0]["header"][0].rsplit(", seeds", 1)[0] + f", seeds {seeds} (merged from {len(runs)} runs).",
+              *runs[0]["header"][1:]]
+    _table(header, results)
+    return 0
+
+
+def _table(header: list[str], results: dict[str, list[dict[str, float]]]) -> None:
+    print("\n".join(header))
     print()
     print("| row | conditioning | teacher KL(c ‖ t(G(z, c)) / T) ↓ | teacher top-1 agreement ↑ | FID ↓ | KID ↓ "
           "| train (s) |")
     print("|---|---|---|---|---|---|---|")
-    for row in ("reference", *args.rows):
-        rs = results[row]
+    for row, rs in results.items():
         train = _fmt([r["time_s"] for r in rs], 0) if row != "reference" else "-"
-        print(f"| {row} | {labels[row]} | {_fmt([r['kl'] for r in rs], 4)} | {_fmt([r['top1'] for r in rs])} | "
+        print(f"| {row} | {LABELS[row]} | {_fmt([r['kl'] for r in rs], 4)} | {_fmt([r['top1'] for r in rs])} | "
               f"{_fmt([r['fid'] for r in rs], 2)} | {_fmt([r['kid'] for r in rs], 3)} | {train} |")
-    print()
-    print(f"command: {command}  (total {time.perf_counter() - t_start:.0f} s)")
-    return 0
 
 
 if __name__ == "__main__":

@@ -113,7 +113,8 @@ def stylegan2_rows(args: argparse.Namespace) -> list[str]:
     x_test, y_test = load_mnist(_default_mnist_root(), "test")
     real_ones = x_test[y_test == 1][: 200 if q else 1000]
     lines = [f"StyleGAN2 distillation, MNIST edit 1 -> 7: teacher GAN stylegan_mnist width 32 trained {gan_steps} "
-             f"steps on the 1s and 7s; classifier and FID extractor: {clf.name}",
+             f"steps on the 1s and 7s; students {20 if q else args.student_steps} steps; classifier and FID extractor: "
+             f"{clf.name}",
              "",
              "| row | params | PSNR vs teacher edit (dB) | FID vs teacher edits | '7' rate on generated test "
              "sources | '7' rate on real 1s | latents giving a pair | train time (s) |",

@@ -13,7 +13,8 @@
 
 Measures: FID and KID (x 1000) of ``--eval-size`` samples (the EMA generator, no truncation) against
 as many MNIST test images, in the feature space of a LeNet trained here on MNIST (2 epochs, seed 0:
-Inception weights cannot be downloaded, so the numbers compare rows of this table only); the L1
+Inception weights cannot be downloaded, so the numbers compare rows of this table only; KID on its
+features standardised by the MNIST training split, see :mod:`distill.train.generative_eval`); the L1
 distance to the teacher's image of the same ``z`` (output consistency, what StyleKD is about); the
 generator's parameters and its sampling time ÷ the teacher's (batches of 250, interleaved medians).
 
@@ -30,7 +31,10 @@ LeNet recognises (max softmax >= 0.9), and the number of digit classes among the
 
     python benchmarks/generative_stylegan.py [--quick] [--seeds 1] [--steps 400] [--batch 32]
         [--train-subset 5000] [--eval-size 1000] [--teacher-width 32] [--student-width 16]
-        [--parts stylekd selfdistill] [--threads 1]
+        [--parts stylekd selfdistill] [--threads 1] [--first-seed 0] [--teacher-cache DIR] [--skip-scratch]
+
+``--teacher-cache DIR`` saves the trained teacher (EMA generator, safetensors) under a name made of every
+argument that changes it and loads it on the next run: a converged teacher is trained once.
 
 ``--quick`` is a smoke run (< 2 min): its numbers say the pipeline runs, not how good a method is.
 """
@@ -83,14 +87,37 @@ def sampler(g: torch.nn.Module):
     return run
 
 
-def run_stylekd(args, x, real_test, net, seed: int) -> list[str]:
+def train_teacher(args, x, seed: int) -> tuple[torch.nn.Module, float]:
+    """The teacher's EMA generator and its training wall seconds (0 when read from ``--teacher-cache``)."""
+    steps, batch = args.teacher_steps or args.steps, args.teacher_batch or args.batch
+    path = None
+    if args.teacher_cache:
+        path = Path(args.teacher_cache) / (f"stylekd-teacher-eqlr-w{args.teacher_width}-s{steps}-b{batch}-n{len(x)}"
+                                           f"-r1{args.r1_gamma}-seed{seed}.safetensors")
+    if path is not None and path.is_file():
+        from safetensors.torch import load_file
+
+        g = StyleGenerator(width=args.teacher_width)
+        g.load_state_dict(load_file(str(path)))
+        return g.eval().requires_grad_(False), 0.0
     torch.manual_seed(seed)
     teacher_g, teacher_d = StyleGenerator(width=args.teacher_width), StyleDiscriminator(width=args.teacher_width)
     t0 = time.perf_counter()
-    teacher = train_gan(teacher_g, teacher_d, x, steps=args.teacher_steps or args.steps,
-                        batch_size=args.teacher_batch or args.batch, seed=seed, progress=False,
+    teacher = train_gan(teacher_g, teacher_d, x, steps=steps, batch_size=batch, seed=seed, progress=False,
                         r1_gamma=args.r1_gamma).ema
-    t_teacher = time.perf_counter() - t0
+    secs = time.perf_counter() - t0
+    if path is not None:
+        from safetensors.torch import save_file
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(tmp))
+        tmp.replace(path)  # atomic: a reader never sees half a file
+    return teacher, secs
+
+
+def run_stylekd(args, x, real_test, net, seed: int) -> list[str]:
+    teacher, t_teacher = train_teacher(args, x, seed)
 
     def student() -> StyleGenerator:
         torch.manual_seed(seed + 100)
@@ -101,9 +128,11 @@ def run_stylekd(args, x, real_test, net, seed: int) -> list[str]:
         return StyleDiscriminator(width=args.teacher_width)
 
     models: dict[str, tuple[torch.nn.Module, float]] = {"teacher": (teacher, t_teacher)}
-    t0 = time.perf_counter()
-    models["student, scratch"] = (train_gan(student(), disc(), x, steps=args.steps, batch_size=args.batch, seed=seed,
-                                            progress=False, r1_gamma=args.r1_gamma).ema, time.perf_counter() - t0)
+    if not args.skip_scratch:  # a run of ablation rows only can leave out the scratch row another run measured
+        t0 = time.perf_counter()
+        models["student, scratch"] = (train_gan(student(), disc(), x, steps=args.steps, batch_size=args.batch,
+                                                seed=seed, progress=False, r1_gamma=args.r1_gamma).ema,
+                                      time.perf_counter() - t0)
     for name in args.rows:
         w = StyleKDWeights(**ABLATIONS[name])
         t0 = time.perf_counter()
@@ -124,7 +153,7 @@ def run_stylekd(args, x, real_test, net, seed: int) -> list[str]:
         l1 = float((imgs - t_imgs).abs().mean())
         ratio = times[name] / times["teacher"]
         lines.append(f"| {name} | {n_params(g):,} | {s['fid']:.2f} | {1000 * s['kid']:.2f} | {l1:.4f} | {ratio:.2f} "
-                     f"| {secs:.0f} |")
+                     f"| {f'{secs:.0f}' if secs else 'cached'} |")
     return lines
 
 
@@ -201,6 +230,9 @@ def main() -> None:
     p.add_argument("--time-reps", type=int, default=5)
     p.add_argument("--r1-gamma", type=float, default=0.1, help="R1 weight of every GAN trained here")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed .. first-seed + seeds - 1")
+    p.add_argument("--teacher-cache", default=None, help="folder caching the StyleKD teacher (safetensors)")
+    p.add_argument("--skip-scratch", action="store_true", help="leave out the student-from-scratch row")
     args = p.parse_args()
     if args.quick:
         args.steps, args.train_subset, args.eval_size, args.sd_size = 8, 256, 200, 200
@@ -213,12 +245,12 @@ def main() -> None:
     real_test, _ = load_mnist(_default_mnist_root(), "test")
     x = x_all[:args.train_subset]
     print(f"## StyleKD / Self-Distilled StyleGAN on MNIST ({'quick smoke run' if args.quick else 'real mode'})\n")
-    print(f"extractor: {net.name}; R1 gamma {args.r1_gamma}; {args.steps} steps of batch {args.batch} (teacher: "
+    print(f"extractor: {net.name} (KID on its features standardised by the MNIST training split); R1 gamma {args.r1_gamma}; {args.steps} steps of batch {args.batch} (teacher: "
           f"{args.teacher_steps or args.steps} of {args.teacher_batch or args.batch}); teacher width {args.teacher_width}, "
           f"student width {args.student_width} (min {args.student_min_width}); {args.eval_size} samples vs as many "
           f"MNIST test images; CPU, {args.threads} thread(s)\n")
     t0 = time.perf_counter()
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         if "stylekd" in args.parts:
             print("\n".join(run_stylekd(args, x, real_test, net, seed)) + "\n", flush=True)
         if "selfdistill" in args.parts:
