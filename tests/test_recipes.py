@@ -103,6 +103,11 @@ def test_every_recipe_validates(path: Path) -> None:
     if is_graph_recipe(path):  # graph recipes (kind: graph) have a schema of their own
         assert isinstance(load_graph_recipe(path), GraphRecipe)
         return
+    from distill.generative_runner import GenerativeRecipe, is_generative_recipe, load_generative_recipe
+
+    if is_generative_recipe(path):  # generative recipes (kind: generative) have a schema of their own
+        assert isinstance(load_generative_recipe(path), GenerativeRecipe)
+        return
     from distill.recipes import SynthRecipe, is_synth_recipe, load_synth_recipe, read_recipe_file
 
     if is_synth_recipe(read_recipe_file(path)):  # synthetic-set recipes (kind: synth, 'distill synth') too

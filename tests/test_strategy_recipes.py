@@ -114,13 +114,14 @@ PYTHON_ONLY = {
     "seq_kd": "a seq2seq model and its tokenizer (tests/test_lang_b.py, examples/language/seq2seq_kd.py)",
     "search_kd": "a seq2seq student exploring its own prefixes (tests/test_lang_b.py)",
     "stylegan2_distillation": "a teacher GAN and a classifier; generated pairs (tests/test_gen_stylegan2_distillation.py, "
-                             "examples/generative/stylegan2_distillation.py)",
+                             "examples/generative/stylegan2_distillation.py; recipe: recipes/generative/mnist_stylegan2_distillation.yaml)",
     "darkgan": "a GAN (generator + discriminator) trained on images with a classifier teacher's soft labels "
                "(tests/test_gen_darkgan.py, examples/generative/darkgan.py; recipe: recipes/generative/fashion_darkgan.yaml)",
     "stylekd": "a teacher GAN generator distilled into a narrower generator (tests/test_gen_stylekd.py, "
                "examples/generative/stylekd.py; recipe: recipes/generative/mnist_stylekd.yaml)",
     "self_distilled_stylegan": "two GANs trained on a contaminated image set, filtered in between (tests/test_gen_gan.py, "
-                               "examples/generative/self_distilled_stylegan.py)",
+                               "examples/generative/self_distilled_stylegan.py; recipe: "
+                               "recipes/generative/mnist_self_distilled_stylegan.yaml)",
     "guided_diffusion_distill": "a diffusion model distilled into a guidance-conditioned one (tests/test_gen_diffusion.py, "
                                 "examples/generative/diffusion_distill.py; recipe: recipes/generative/mnist_diffusion.yaml)",
     "progressive_distill": "a diffusion model's DDIM steps halved per round (tests/test_gen_diffusion.py, "

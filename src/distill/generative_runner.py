@@ -39,6 +39,30 @@ rows' measures with the library's evaluators.
      teacher (KL of the soft label to the teacher's tempered prediction on the image, top-1 agreement), and
      FID/KID against the held-out images.
 
+Three more families (the same validation, run folder and report):
+
+* ``self_distilled_stylegan`` (no teacher: the GAN filters its own data): the data are
+  :func:`distill.data.contaminated.contaminated_mnist` (``train_subset`` images, ``data.outlier_fraction`` of them
+  Fashion-MNIST, drawn with seed ``s``); rows ``{strategy: self_distilled_stylegan}`` (measured: its filtered
+  GAN's EMA) and ``{baseline: train_gan}`` (the raw GAN on the contaminated set); measures the filtering's outlier
+  precision / recall (:func:`~distill.functional.gan_truncation.removal_precision_recall`), the share kept, FID/KID
+  of ``eval_size`` samples against clean MNIST test images. Images are scored by pixel MSE (the runner passes no
+  ``feature_net``: the LeNet stays the judge only), as ``benchmarks/generative_stylegan.py`` does;
+* ``stylegan2_distillation``: the teacher GAN is :func:`~distill.strategies.stylegan2_distillation.teacher_gan`
+  (``teacher.train``: its arguments; ``dataset`` is ``data.name``, cached by it too, and saved in the run folder);
+  the LeNet extractor is also the attribute classifier (as ``benchmarks/generative_img2img.py``); the student is
+  :func:`~distill.models.img2img.unet_img2img` (``student``); the real images are the first ``eval_size`` test
+  images of the row's ``source_class``; measures the strategy's own: PSNR to the teacher's edit (and of the
+  unedited source), the target-class share on the teacher's edits, the student's edits and the sources, on real
+  images edited and unedited, FID/KID of the student's edits against the teacher's, the share of latents giving a
+  pair;
+* ``img2img``: pairs of :func:`distill.data.img2img.img2img_pairs` (``data.task``, default ``edges2image``;
+  ``train_subset`` / ``eval_size`` pairs of a seed-0 permutation of the train / test split); the teacher a
+  :func:`~distill.models.img2img.unet_img2img` (``teacher.model``) trained by
+  :func:`~distill.strategies.img2img.train_img2img` (``teacher.train``) or loaded; rows
+  ``{baseline: train_img2img, args: {kd: null | wavelet | l1, kd_weight: ...}}`` (``wavelet``: the ``wavelet_kd``
+  method; the teacher is passed only when ``kd`` is set); measures test PSNR and L1 (no FID extractor is trained).
+
 FID/KID use the LeNet extractor, not Inception (no weights can be downloaded): numbers compare the rows of
 one report, never published values. The run folder follows :mod:`distill.recipe_runs` (one writer, one
 version of a recipe, ``--resume`` / ``--overwrite`` / ``--rows``).
@@ -74,14 +98,21 @@ from distill.recipe_runs import (
     rows_to_run,
 )
 from distill.recipes import RecipeError, _Strict, read_recipe_file, validate_schema
+from distill.data.contaminated import contaminated_mnist
+from distill.data.img2img import img2img_pairs
 from distill.data.lightfield import make_scene, make_views
+from distill.functional.gan_truncation import removal_precision_recall
+from distill.models.img2img import unet_img2img
+from distill.models.stylegan import stylegan_mnist
 from distill.integrations.diffusers import build_unet
 from distill.models.nerf import NeLF, NeRF
 from distill.strategies.darkgan import AuxDiscriminator, darkgan_evaluate, teacher_soft_labels
 from distill.strategies.diffusion_distill import diffusion_images, sample_diffusion, train_diffusion_teacher
 from distill.strategies.gan import train_gan
+from distill.strategies.img2img import evaluate_img2img, train_img2img
 from distill.strategies.r2l import evaluate_views, train_nelf, train_nerf
 from distill.strategies.registry import list_strategies, strategy_info
+from distill.strategies.stylegan2_distillation import teacher_gan
 from distill.train.checkpoint import save_model
 from distill.train.generative_eval import FeatureNet, fid_kid, psnr, train_feature_net
 
@@ -100,7 +131,7 @@ class Family:
     strategies: tuple[str, ...]
     baselines: dict[str, Callable[..., Any]]
     own_args: tuple[str, ...]
-    teacher_trainer: Callable[..., Any]
+    teacher_trainer: Callable[..., Any] | None  # None: the family has no teacher (self-distillation)
     teacher_own: tuple[str, ...]
     teacher_model: Callable[..., Any] | None  # what ``teacher.model`` holds the keyword arguments of (None: nothing)
     measures: tuple[str, ...]  # the report's columns, in order
@@ -133,19 +164,53 @@ FAMILIES: dict[str, Family] = {
                   "progress", "desc"),
         teacher_trainer=train_nerf, teacher_own=("teacher", "views", "seed", "progress"),
         teacher_model=NeRF, measures=("psnr", "macs_ratio")),
+    # the raw GAN (train_gan on the contaminated set) against the strategy's GAN on the filtered set
+    "self_distilled_stylegan": Family(
+        strategies=("self_distilled_stylegan",), baselines={"train_gan": train_gan},
+        own_args=("student", "train_loader", "val_loader", "discriminator", "images", "feature_net", "checkpoint",
+                  "progress", "seed", "generator", "labels"),
+        teacher_trainer=None, teacher_own=(), teacher_model=None,
+        measures=("outlier_precision", "outlier_recall", "kept", "fid", "kid")),
+    # a teacher GAN's latent edit distilled into an image-to-image U-Net; the LeNet is classifier and extractor
+    "stylegan2_distillation": Family(
+        strategies=("stylegan2_distillation",), baselines={},
+        own_args=("student", "train_loader", "val_loader", "teacher", "classifier", "feature_net", "real_images",
+                  "seed", "progress"),
+        teacher_trainer=teacher_gan, teacher_own=("dataset", "seed", "progress"), teacher_model=None,
+        measures=("psnr_to_edit", "psnr_identity", "edit_rate", "edit_rate_teacher", "edit_rate_source",
+                  "real_edit_rate", "real_base_rate", "fid", "kid", "keep_rate")),
+    # pix2pix students from scratch, + Wavelet KD, + output L1 KD (train_img2img's kd / kd_weight)
+    "img2img": Family(
+        strategies=(), baselines={"train_img2img": train_img2img},
+        own_args=("generator", "source", "target", "teacher", "val", "eval_every", "seed", "progress"),
+        teacher_trainer=train_img2img, teacher_own=("generator", "source", "target", "teacher", "kd", "kd_weight",
+                                                    "wavelet_levels", "val", "eval_every", "seed", "progress"),
+        teacher_model=unet_img2img, measures=("psnr_test", "l1_test")),
 }
+IMG2IMG_OWN = ("channels", "out_channels")  # the U-Nets' channels follow the data
 # sample_diffusion's arguments the runner sets (a ``sample`` mapping or a ``teacher`` baseline row may set the rest)
 SAMPLER_OWN = ("model", "labels", "image_shape", "seed", "batch_size", "progress")
 UNET_OWN = ("img_size", "channels", "num_classes", "w_conditioned")
 # what the report says each measure is (and which way is better)
 MEASURES = {"psnr": "test-view PSNR (dB) ↑", "macs_ratio": "MACs per ray ÷ teacher's ↓", "steps": "sampling steps", "psnr_to_teacher": "PSNR to teacher's samples (dB) ↑", "fid": "FID ↓", "kid": "KID ×1000 ↓", "l1_to_teacher": "L1 to teacher (same z) ↓",
-            "kl": "teacher KL(c ‖ t(G(z, c))/T) ↓", "top1": "teacher top-1 agreement ↑"}
+            "kl": "teacher KL(c ‖ t(G(z, c))/T) ↓", "top1": "teacher top-1 agreement ↑",
+            "outlier_precision": "outlier precision of the removed ↑", "outlier_recall": "outlier recall ↑",
+            "kept": "share kept", "psnr_to_edit": "PSNR to teacher's edit (dB) ↑",
+            "psnr_identity": "PSNR of the unedited source (dB)", "edit_rate": "target share, student's edits ↑",
+            "edit_rate_teacher": "target share, teacher's edits", "edit_rate_source": "target share, sources",
+            "real_edit_rate": "target share, student's edits of real images ↑",
+            "real_base_rate": "target share, real images unedited", "keep_rate": "latents giving a pair",
+            "psnr_test": "test PSNR (dB) ↑", "l1_test": "test L1 ↓"}
 SCALE = {"kid": 1000.0}
-DIGITS = {"kl": 4, "l1_to_teacher": 4, "top1": 3, "steps": 0}
+DIGITS = {"kl": 4, "l1_to_teacher": 4, "top1": 3, "steps": 0, "outlier_precision": 3, "outlier_recall": 3, "kept": 3,
+          "edit_rate": 3, "edit_rate_teacher": 3, "edit_rate_source": 3, "real_edit_rate": 3, "real_base_rate": 3,
+          "keep_rate": 3, "l1_test": 4}
 # string arguments whose values are known before anything runs (else they would fail after other rows trained)
 CHOICES = {("darkgan", "conditioning"): ("soft", "onehot", "none"), ("darkgan", "form"): ("softmax", "sigmoid"),
-           ("stylekd", "relation_form"): ("kl", "mse")}
+           ("stylekd", "relation_form"): ("kl", "mse"), ("train_img2img", "kd"): (None, "wavelet", "l1"),
+           ("stylegan2_distillation", "direction_method"): ("mean_diff", "logistic")}
 GENERATOR_OWN = ("c_dim",)  # set from the conditioning
+NEW_FAMILIES = ("self_distilled_stylegan", "stylegan2_distillation", "img2img")
 DISCRIMINATOR_OWN = ("c_dim",)
 
 
@@ -157,6 +222,10 @@ class GenDataSpec(_Strict):
     eval_size: int = Field(500, gt=1, description="held-out test images: FID/KID reference, DarkGAN's soft labels")
     size: int | None = Field(None, gt=3, description="diffusion only: the size the models work at (area-resized; "
                                                      "default 16); samples are resized back to 28 px for FID/KID")
+    outlier_fraction: float | None = Field(None, ge=0, lt=1, description="self_distilled_stylegan only: the share "
+                                           "of Fashion-MNIST outliers among the train_subset images (default 0.1)")
+    task: Literal["edges2image", "thicken"] | None = Field(None, description="img2img only: the pairs' task "
+                                                                             "(default edges2image)")
 
 
 class FeatureNetSpec(_Strict):
@@ -210,7 +279,8 @@ class GenerativeRecipe(_Strict):
 
     name: str
     kind: Literal["generative"]
-    family: Literal["stylegan", "darkgan", "diffusion", "lightfield"]
+    family: Literal["stylegan", "darkgan", "diffusion", "lightfield", "self_distilled_stylegan",
+                    "stylegan2_distillation", "img2img"]
     data: GenDataSpec = Field(default_factory=GenDataSpec)
     scene: SceneSpec | None = Field(None, description="family lightfield: the scene (instead of data)")
     feature_net: FeatureNetSpec = Field(default_factory=FeatureNetSpec)
@@ -304,6 +374,11 @@ def _check_row(recipe: GenerativeRecipe, name: str, row: GenRow) -> None:
                           f"(baselines: {known})")
     fn_name, fn = row_function(recipe.family, row)
     check_strategy_arg_names(f"rows.{name}.args", fn_name, fn, row.args, fam.own_args)
+    if recipe.family in NEW_FAMILIES:  # a required argument the runner does not set must be in the recipe
+        missing = [p for p, v in inspect.signature(fn).parameters.items() if v.default is inspect.Parameter.empty
+                   and v.kind == inspect.Parameter.KEYWORD_ONLY and p not in fam.own_args and p not in row.args]
+        if missing:
+            raise RecipeError(f"rows.{name}.args: {fn_name} needs {missing} (the runner does not set them)")
     row_args(recipe.family, name, row)
     for key, value in row.args.items():
         allowed = CHOICES.get((fn_name, key))
@@ -322,7 +397,10 @@ def _check_row(recipe: GenerativeRecipe, name: str, row: GenRow) -> None:
         _convert(f"rows.{name}.sample", sample_diffusion, row.sample)
     if recipe.family == "diffusion" and row.baseline is not None and "steps" not in row.args:
         raise RecipeError(f"rows.{name}.args: the teacher baseline needs steps (its sampling steps)")
-    for key in ("steps", "batch_size"):
+    if row.args.get("keep_fraction") is not None and not 0 < float(row.args["keep_fraction"]) <= 1:
+        raise RecipeError(f"rows.{name}.args.keep_fraction: must be in (0, 1], got {row.args['keep_fraction']!r}")
+    for key in ("steps", "batch_size", "train_pairs", "test_pairs", "direction_samples", "projection_steps",
+                "num_clusters", "cluster_samples"):
         if key in row.args and (isinstance(row.args[key], bool) or not isinstance(row.args[key], int)
                                 or row.args[key] < 1):
             raise RecipeError(f"rows.{name}.args.{key}: must be a positive int, got {row.args[key]!r}")
@@ -339,8 +417,16 @@ def parse_generative_recipe(data: Any, source: str = "recipe") -> GenerativeReci
             _check_kwargs("teacher.model", fam.teacher_model, recipe.teacher.model,
                           UNET_OWN if recipe.family == "diffusion" else GENERATOR_OWN)
         elif recipe.teacher.model:
-            raise RecipeError(f"teacher.model: family {recipe.family!r} trains its own teacher (a LeNet classifier); "
-                              "give none")
+            what = {"darkgan": "trains its own teacher (a LeNet classifier)",
+                    "self_distilled_stylegan": "has no teacher (the GAN filters its own data)",
+                    "stylegan2_distillation": "trains its teacher with teacher_gan (its arguments go in teacher.train)"}
+            raise RecipeError(f"teacher.model: family {recipe.family!r} {what[recipe.family]}; give none")
+        if fam.teacher_trainer is None and (recipe.teacher.train or recipe.teacher.checkpoint):
+            raise RecipeError(f"teacher: family {recipe.family!r} has no teacher; give no teacher.train or checkpoint")
+        if recipe.data.outlier_fraction is not None and recipe.family != "self_distilled_stylegan":
+            raise RecipeError("data.outlier_fraction is for family 'self_distilled_stylegan'")
+        if recipe.data.task is not None and recipe.family != "img2img":
+            raise RecipeError("data.task is for family 'img2img'")
         if (recipe.family == "lightfield") != (recipe.scene is not None):
             raise RecipeError("scene: family 'lightfield' reads a scene (and no data), the other families none")
         if recipe.family == "lightfield":
@@ -357,11 +443,17 @@ def parse_generative_recipe(data: Any, source: str = "recipe") -> GenerativeReci
         else:
             if recipe.data.size is not None or recipe.teacher.sample:
                 raise RecipeError("data.size and teacher.sample are for family 'diffusion'")
-            _check_kwargs("student", StyleGenerator, recipe.student, GENERATOR_OWN)
-            _check_kwargs("discriminator", StyleDiscriminator, recipe.discriminator, DISCRIMINATOR_OWN)
-        check_strategy_arg_names("teacher.train", fam.teacher_trainer.__name__, fam.teacher_trainer,
-                                 recipe.teacher.train, fam.teacher_own)
-        _convert("teacher.train", fam.teacher_trainer, recipe.teacher.train)
+            if recipe.family in ("stylegan2_distillation", "img2img"):
+                if recipe.discriminator:
+                    raise RecipeError(f"discriminator: family {recipe.family!r} trains pix2pix's PatchGAN; give none")
+                _check_kwargs("student", unet_img2img, recipe.student, IMG2IMG_OWN)
+            else:
+                _check_kwargs("student", StyleGenerator, recipe.student, GENERATOR_OWN)
+                _check_kwargs("discriminator", StyleDiscriminator, recipe.discriminator, DISCRIMINATOR_OWN)
+        if fam.teacher_trainer is not None:
+            check_strategy_arg_names("teacher.train", fam.teacher_trainer.__name__, fam.teacher_trainer,
+                                     recipe.teacher.train, fam.teacher_own)
+            _convert("teacher.train", fam.teacher_trainer, recipe.teacher.train)
         for name, row in recipe.rows.items():
             _check_row(recipe, name, row)
         if recipe.family == "darkgan" and recipe.feature_net.seed in [s + 1 for s in recipe.seeds] and \
@@ -447,6 +539,9 @@ class _Context:
         self.eval_labels = torch.arange(len(real)) % (int(y.max()) + 1)
         self.train_views: Any = None  # lightfield: distill.data.lightfield.LightFieldViews
         self.test_views: Any = None
+        self.pairs: Any = None  # img2img: (source, target, test source, test target)
+        self.is_outlier: Any = None  # self_distilled_stylegan: which training images are outliers, (N,) bool
+        self.test: Any = None  # stylegan2_distillation: the test split (images, labels): real images of a class
 
     def discriminator(self, c_dim: int = 0) -> nn.Module:
         torch.manual_seed(2000 + self.seed)
@@ -465,6 +560,10 @@ def _teacher(ctx: _Context, run_dir: Path, reuse: bool, overwrite: bool) -> tupl
     torch.manual_seed(seed)
     if recipe.family == "stylegan":
         model: nn.Module = StyleGenerator(**spec.model)
+    elif recipe.family == "stylegan2_distillation":  # teacher_gan's generator, for a checkpoint or the run's file
+        model = stylegan_mnist(width=int(spec.train.get("width", 32)))
+    elif recipe.family == "img2img":
+        model = unet_img2img(channels=ctx.x.shape[1], **spec.model)
     elif recipe.family == "lightfield":
         model = NeRF(**spec.model)
     elif recipe.family == "diffusion":
@@ -490,6 +589,13 @@ def _teacher(ctx: _Context, run_dir: Path, reuse: bool, overwrite: bool) -> tupl
         elif recipe.family == "diffusion":
             model = train_diffusion_teacher(model, ctx.images, ctx.y, seed=seed, progress=ctx.progress, **train).model
             how = f"trained here (train_diffusion_teacher, {train.get('steps', 3000)} steps)"
+        elif recipe.family == "stylegan2_distillation":  # cached by teacher_gan under its cache_dir too
+            model = teacher_gan(recipe.data.name, seed=seed, progress=ctx.progress, **train)
+            how = f"trained here (teacher_gan, {train.get('steps', 1500)} steps, classes {train.get('classes', (1, 7))})"
+        elif recipe.family == "img2img":
+            src, tgt, vsrc, vtgt = ctx.pairs
+            train_img2img(model, src, tgt, val=(vsrc, vtgt), seed=seed, progress=ctx.progress, **train)
+            how = f"trained here (train_img2img, {train.get('steps', 2000)} steps)"
         else:
             model = _lenet(recipe, seed + 1, ctx.progress, **train)
             how = f"trained here (LeNet, {train.get('epochs', 2)} epochs, seed {seed + 1})"
@@ -530,6 +636,10 @@ def _teacher_samples(recipe: GenerativeRecipe) -> int:
 
 
 def _teacher_measures(ctx: _Context) -> dict[str, Any]:
+    if ctx.recipe.family == "img2img":
+        return {"psnr_test": evaluate_img2img(ctx.teacher, ctx.pairs[2], ctx.pairs[3])["psnr"]}
+    if ctx.recipe.family == "stylegan2_distillation":  # its edits are measured per row (the row's classes)
+        return {}
     if ctx.recipe.family == "lightfield":
         return {"psnr": evaluate_views(ctx.teacher, ctx.test_views, num_samples=_teacher_samples(ctx.recipe))["psnr"]}
     n = len(ctx.real)
@@ -552,6 +662,8 @@ def _run_row(ctx: _Context, name: str, row: GenRow) -> tuple[nn.Module, dict[str
     fn_name, fn = row_function(recipe.family, row)
     args = row_args(recipe.family, name, row)
     n = len(ctx.real)
+    if recipe.family in NEW_FAMILIES:
+        return _run_new_row(ctx, row, fn, args)
     if recipe.family == "stylegan":
         student, disc = ctx.student(), ctx.discriminator()
         if row.baseline is not None:
@@ -573,7 +685,7 @@ def _run_row(ctx: _Context, name: str, row: GenRow) -> tuple[nn.Module, dict[str
             fn(student, torch.cat([o, d], -1), colors, seed=seed, progress=ctx.progress, **args)
         else:
             fn(student, ctx.train_views, teacher=ctx.teacher, seed=seed, progress=ctx.progress, **args)
-        teacher_macs = ctx.teacher.macs_per_point() * _teacher_samples(recipe)
+        teacher_macs = ctx.teacher.macs_per_ray(_teacher_samples(recipe))  # a hierarchical teacher counts both networks
         return student, {"psnr": evaluate_views(student, ctx.test_views)["psnr"],
                          "macs_ratio": student.macs_per_ray() / teacher_macs}
     if recipe.family == "diffusion":
@@ -600,6 +712,73 @@ def _run_row(ctx: _Context, name: str, row: GenRow) -> tuple[nn.Module, dict[str
     ev = darkgan_evaluate(res.ema, ctx.teacher, targets, inputs=inputs, real=ctx.real, feature_net=ctx.fnet,
                           temperature=temperature, form=form, seed=1000 + seed)
     return res.ema, {"kl": ev["kl"], "top1": ev["top1"], "fid": ev["fid"], "kid": ev["kid"]}
+
+
+def _fid_kid(ctx: _Context, imgs: Tensor) -> dict[str, float]:
+    n = len(ctx.real)
+    s = fid_kid(ctx.real, imgs, ctx.fnet, kid_subset_size=min(500, n), kid_subsets=20, seed=ctx.seed)
+    return {"fid": s["fid"], "kid": s["kid"]}
+
+
+def _run_new_row(ctx: _Context, row: GenRow, fn: Callable[..., Any], args: dict[str, Any]
+                 ) -> tuple[nn.Module, dict[str, Any]]:
+    """A row of families self_distilled_stylegan, stylegan2_distillation, img2img (see the module docstring)."""
+    recipe, seed = ctx.recipe, ctx.seed
+    if recipe.family == "self_distilled_stylegan":
+        student, disc = ctx.student(), ctx.discriminator()
+        if row.baseline is not None:  # the raw GAN: the same student trained on the whole contaminated set
+            g = fn(student, disc, ctx.x, seed=seed, progress=ctx.progress, **args).ema
+            return g, _fid_kid(ctx, generate(g, len(ctx.real), 1000 + seed))
+        res = fn(student, discriminator=disc, images=ctx.x, seed=seed, progress=ctx.progress, **args)
+        g = res.filtered.ema
+        pr = removal_precision_recall(res.kept, ctx.is_outlier)
+        return g, {"outlier_precision": pr["precision"], "outlier_recall": pr["recall"],
+                   "kept": float(res.kept.float().mean()), **_fid_kid(ctx, generate(g, len(ctx.real), 1000 + seed))}
+    torch.manual_seed(1000 + seed)  # every row's student starts from the same weights
+    student = unet_img2img(channels=ctx.x.shape[1], **recipe.student)
+    if recipe.family == "stylegan2_distillation":
+        x_test, y_test = ctx.test
+        real = x_test[y_test == args["source_class"]][:recipe.data.eval_size]
+        res = fn(student, teacher=ctx.teacher, classifier=ctx.fnet, feature_net=ctx.fnet, real_images=real,
+                 seed=seed, progress=ctx.progress, **args)
+        out = {"psnr_to_edit": res.psnr_student, "psnr_identity": res.psnr_identity, "edit_rate": res.edit_rate_student,
+               "edit_rate_teacher": res.edit_rate_teacher, "edit_rate_source": res.edit_rate_source,
+               "real_edit_rate": res.real_edit_rate, "real_base_rate": res.real_base_rate, "fid": res.fid_student,
+               "kid": res.kid_student, "keep_rate": res.keep_rate}
+        return res.student, {k: float(v) for k, v in out.items() if v is not None}
+    src, tgt, vsrc, vtgt = ctx.pairs
+    fn(student, src, tgt, teacher=ctx.teacher if args.get("kd") else None, val=(vsrc, vtgt), seed=seed,
+       progress=ctx.progress, **args)
+    m = evaluate_img2img(student, vsrc, vtgt)
+    return student, {"psnr_test": m["psnr"], "l1_test": m["l1"]}
+
+
+def _image_context(recipe: GenerativeRecipe, seed: int, fnet: FeatureNet | None, progress: bool) -> _Context:
+    """One seed's data: ``train_subset`` training images (self_distilled_stylegan: the contaminated set of seed
+    ``s``; img2img: pairs) and ``eval_size`` test images (self_distilled_stylegan: clean MNIST)."""
+    d = recipe.data
+    if recipe.family == "img2img":
+        task = d.task or "edges2image"
+        src, tgt = img2img_pairs(task, d.name, "train", limit=d.train_subset, seed=0)
+        vsrc, vtgt = img2img_pairs(task, d.name, "test", limit=d.eval_size, seed=0)
+        ctx = _Context(recipe, seed, fnet, src, torch.zeros(len(src), dtype=torch.long), vtgt, progress)
+        ctx.pairs = (src, tgt, vsrc, vtgt)
+        return ctx
+    if recipe.family == "self_distilled_stylegan":
+        x, is_outlier = contaminated_mnist(d.train_subset, 0.1 if d.outlier_fraction is None else d.outlier_fraction,
+                                           seed=seed)
+        real = load_images("mnist", "test")[0][:d.eval_size]
+        ctx = _Context(recipe, seed, fnet, x, is_outlier.long(), real, progress)
+        ctx.is_outlier = is_outlier
+        return ctx
+    test = load_images(d.name, "test")
+    if recipe.family == "stylegan2_distillation":  # the teacher GAN reads its own training data (teacher_gan)
+        ctx = _Context(recipe, seed, fnet, test[0][:2], test[1][:2], test[0][:d.eval_size], progress)
+        ctx.test = test
+        return ctx
+    x_all, y_all = load_images(d.name, "train")
+    return _Context(recipe, seed, fnet, x_all[:d.train_subset], y_all[:d.train_subset], test[0][:d.eval_size],
+                    progress)
 
 
 def _scene_context(recipe: GenerativeRecipe, seed: int, progress: bool) -> _Context:
@@ -646,17 +825,18 @@ def run_generative_recipe(recipe: GenerativeRecipe, *, out_dir: str | Path | Non
             if recipe.scene is not None:
                 ctx = _scene_context(recipe, seed, progress)
             else:
-                if fnet is None:
+                if fnet is None and recipe.family != "img2img":  # img2img measures PSNR only
                     fnet = _feature_net(recipe, progress)
-                x_all, y_all = load_images(recipe.data.name, "train")
-                real = load_images(recipe.data.name, "test")[0][:recipe.data.eval_size]
-                ctx = _Context(recipe, seed, fnet, x_all[:recipe.data.train_subset], y_all[:recipe.data.train_subset],
-                               real, progress)
+                ctx = _image_context(recipe, seed, fnet, progress)
             t0 = time.perf_counter()
-            ctx.teacher, how = _teacher(ctx, run_dir, str(seed) in teachers, overwrite)
-            teachers[str(seed)] = {**_teacher_measures(ctx), "parameters": _parameters(ctx.teacher), "how": how,
-                                   **({"extractor": fnet.name} if fnet else {}), "seconds": time.perf_counter() - t0}
-            console.print(f"seed {seed}: teacher {how}: " + ", ".join(
+            if FAMILIES[recipe.family].teacher_trainer is None:
+                teachers[str(seed)] = {"parameters": 0, "how": "none: the GAN filters its own training set",
+                                       **({"extractor": fnet.name} if fnet else {}), "seconds": 0.0}
+            else:
+                ctx.teacher, how = _teacher(ctx, run_dir, str(seed) in teachers, overwrite)
+                teachers[str(seed)] = {**_teacher_measures(ctx), "parameters": _parameters(ctx.teacher), "how": how,
+                                       **({"extractor": fnet.name} if fnet else {}), "seconds": time.perf_counter() - t0}
+            console.print(f"seed {seed}: teacher {teachers[str(seed)]['how']}: " + ", ".join(
                 f"{k} {v:.4g}" for k, v in teachers[str(seed)].items() if isinstance(v, float) and k != "seconds"))
             write()
             for row in _with_teacher_rows(recipe, todo):
