@@ -17,6 +17,8 @@ import torch
 
 pytest.importorskip("torchmetrics", reason="FID/KID need the 'generative' extra (torchmetrics)")
 
+from _mnist import mnist_dir  # noqa: E402
+
 import distill.generative_runner as gr  # noqa: E402
 from distill.cli import main as cli_main  # noqa: E402
 from distill.generative_runner import (  # noqa: E402
@@ -32,6 +34,18 @@ from distill.strategies.stylekd import StyleKDWeights  # noqa: E402
 from distill.train.checkpoint import load_model  # noqa: E402
 from distill.train.generative_eval import fid_kid  # noqa: E402
 from distill.train.rundir import RunFolderError  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _shared_mnist():
+    """The runner reads MNIST from ``$DISTILL_MNIST`` or ``../shared/data/mnist`` beside the working directory;
+    a clone elsewhere (CI's) finds the shared files through the tests' own lookup. Module scope: the module's
+    run fixtures read the data too."""
+    root = mnist_dir()
+    with pytest.MonkeyPatch.context() as mp:
+        if root is not None:
+            mp.setenv("DISTILL_MNIST", str(root))
+        yield
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,6 +18,8 @@ import torch
 
 pytest.importorskip("torchmetrics", reason="FID/KID need the 'generative' extra (torchmetrics)")
 
+from _mnist import mnist_dir  # noqa: E402
+
 import distill.generative_runner as gr  # noqa: E402
 from distill.cli import main as cli_main  # noqa: E402
 from distill.data.contaminated import contaminated_mnist  # noqa: E402
@@ -31,6 +33,18 @@ from distill.models.img2img import unet_img2img  # noqa: E402
 from distill.recipes import RecipeError  # noqa: E402
 from distill.strategies.img2img import predict_images, train_img2img  # noqa: E402
 from distill.train.checkpoint import load_model  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _shared_mnist():
+    """The runner reads MNIST from ``$DISTILL_MNIST`` or ``../shared/data/mnist`` beside the working directory;
+    a clone elsewhere (CI's) finds the shared files through the tests' own lookup. Module scope: the module's
+    run fixtures read the data too."""
+    root = mnist_dir()
+    with pytest.MonkeyPatch.context() as mp:
+        if root is not None:
+            mp.setenv("DISTILL_MNIST", str(root))
+        yield
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_NET = {"epochs": 1, "seed": 0, "train_subset": 300}
@@ -290,7 +304,11 @@ def test_stylegan2_distillation_recipe_passes_its_args_and_measures(tmp_path: Pa
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """The two classes a 2-step teacher GAN's samples fall in most (by the tiny LeNet) are the edit's: with 1 -> 7
     an untrained GAN may give no sample of class 1."""
-    from distill.strategies.stylegan2_distillation import classify, sample_latents, teacher_gan
+    from distill.strategies.stylegan2_distillation import (
+        classify,
+        sample_latents,
+        teacher_gan,
+    )
 
     r = recipe(SG2)
     r["teacher"]["train"]["cache_dir"] = str(tmp_path / "cache")
