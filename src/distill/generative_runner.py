@@ -374,11 +374,11 @@ def _check_row(recipe: GenerativeRecipe, name: str, row: GenRow) -> None:
                           f"(baselines: {known})")
     fn_name, fn = row_function(recipe.family, row)
     check_strategy_arg_names(f"rows.{name}.args", fn_name, fn, row.args, fam.own_args)
-    if recipe.family in NEW_FAMILIES:  # a required argument the runner does not set must be in the recipe
-        missing = [p for p, v in inspect.signature(fn).parameters.items() if v.default is inspect.Parameter.empty
-                   and v.kind == inspect.Parameter.KEYWORD_ONLY and p not in fam.own_args and p not in row.args]
-        if missing:
-            raise RecipeError(f"rows.{name}.args: {fn_name} needs {missing} (the runner does not set them)")
+    # a required argument the runner does not set must be in the recipe
+    missing = [p for p, v in inspect.signature(fn).parameters.items() if v.default is inspect.Parameter.empty
+               and v.kind == inspect.Parameter.KEYWORD_ONLY and p not in fam.own_args and p not in row.args]
+    if missing:
+        raise RecipeError(f"rows.{name}.args: {fn_name} needs {missing} (the runner does not set them)")
     row_args(recipe.family, name, row)
     for key, value in row.args.items():
         allowed = CHOICES.get((fn_name, key))
@@ -615,14 +615,18 @@ def _to_eval(images: Tensor) -> Tensor:
     return F.interpolate(images, size=(28, 28), mode="bilinear", align_corners=False).clamp(0, 1)
 
 
+def _fid_kid(ctx: _Context, imgs: Tensor) -> dict[str, float]:
+    """FID and KID of ``imgs`` against the seed's held-out images (subsets of up to 500, 20 of them)."""
+    n = len(ctx.real)
+    s = fid_kid(ctx.real, imgs, ctx.fnet, kid_subset_size=min(500, n), kid_subsets=20, seed=ctx.seed)
+    return {"fid": s["fid"], "kid": s["kid"]}
+
+
 def _diffusion_measures(ctx: _Context, model: nn.Module, sample: dict[str, Any]) -> dict[str, Any]:
     """FID/KID of ``model``'s samples (one per evaluation label, noise of seed ``1000 + s``) at 28 px against the
     held-out images, and their PSNR to the teacher's reference samples of the same labels and noise."""
-    n = len(ctx.real)
     fake = (sample_diffusion(model, ctx.eval_labels, seed=1000 + ctx.seed, batch_size=250, **sample) + 1) / 2
-    s = fid_kid(ctx.real, _to_eval(fake), ctx.fnet, kid_subset_size=min(500, n), kid_subsets=20,
-                seed=ctx.seed)
-    out = {"steps": float(sample["steps"]), "fid": s["fid"], "kid": s["kid"]}
+    out = {"steps": float(sample["steps"]), **_fid_kid(ctx, _to_eval(fake))}
     if ctx.teacher_images is None:
         ctx.teacher_images = fake
     else:
@@ -649,8 +653,7 @@ def _teacher_measures(ctx: _Context) -> dict[str, Any]:
             "teacher.sample", sample_diffusion, ctx.recipe.teacher.sample)})
     if ctx.recipe.family == "stylegan":
         ctx.teacher_images = generate(ctx.teacher, n, 1000 + ctx.seed)
-        s = fid_kid(ctx.real, ctx.teacher_images, ctx.fnet, kid_subset_size=min(500, n), kid_subsets=20, seed=ctx.seed)
-        return {"fid": s["fid"], "kid": s["kid"]}
+        return _fid_kid(ctx, ctx.teacher_images)
     _, yt = load_images(ctx.recipe.data.name, "test")
     logits = teacher_soft_labels(ctx.teacher, ctx.real)[0]
     return {"test_top1": float((logits.argmax(1) == yt[:n]).float().mean())}
@@ -673,10 +676,7 @@ def _run_row(ctx: _Context, name: str, row: GenRow) -> tuple[nn.Module, dict[str
                      progress=ctx.progress, **args)
         g = res.ema
         imgs = generate(g, n, 1000 + seed)
-        s = fid_kid(ctx.real, imgs, ctx.fnet, kid_subset_size=min(500, n), kid_subsets=20, seed=seed)
-        measures = {"fid": s["fid"], "kid": s["kid"],
-                    "l1_to_teacher": float((imgs - ctx.teacher_images).abs().mean())}
-        return g, measures
+        return g, {**_fid_kid(ctx, imgs), "l1_to_teacher": float((imgs - ctx.teacher_images).abs().mean())}
     if recipe.family == "lightfield":
         torch.manual_seed(1000 + seed)  # every row's light field starts from the same weights
         student = NeLF(ctx.train_views.near, ctx.train_views.far, **recipe.student)
@@ -712,12 +712,6 @@ def _run_row(ctx: _Context, name: str, row: GenRow) -> tuple[nn.Module, dict[str
     ev = darkgan_evaluate(res.ema, ctx.teacher, targets, inputs=inputs, real=ctx.real, feature_net=ctx.fnet,
                           temperature=temperature, form=form, seed=1000 + seed)
     return res.ema, {"kl": ev["kl"], "top1": ev["top1"], "fid": ev["fid"], "kid": ev["kid"]}
-
-
-def _fid_kid(ctx: _Context, imgs: Tensor) -> dict[str, float]:
-    n = len(ctx.real)
-    s = fid_kid(ctx.real, imgs, ctx.fnet, kid_subset_size=min(500, n), kid_subsets=20, seed=ctx.seed)
-    return {"fid": s["fid"], "kid": s["kid"]}
 
 
 def _run_new_row(ctx: _Context, row: GenRow, fn: Callable[..., Any], args: dict[str, Any]

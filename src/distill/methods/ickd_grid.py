@@ -16,21 +16,11 @@ from torch import Tensor
 from distill import functional as DF
 from distill.batch import Batch, View
 from distill.functional.ickd_grid import PARTITIONS, REDUCTIONS, parse_grid
-from distill.methods.base import Paper, register
-from distill.methods.relations import ICKD
+from distill.methods.base import register
+from distill.methods.relations import ICKD, ICKD_PAPER
 
 
-@register(
-    "ickd_grid",
-    "segmentation",
-    Paper(
-        title="Exploring Inter-Channel Correlation for Diversity-preserved Knowledge Distillation",
-        authors="L. Liu, Q. Huang, S. Lin, H. Xie, B. Wang, X. Chang, X. Liang",
-        year=2021,
-        arxiv="2202.03680",
-        venue="ICCV",
-    ),
-)
+@register("ickd_grid", "segmentation", ICKD_PAPER)
 class ICKDGrid(ICKD):
     """Grid-level ICKD: mean over an n x m grid of cells of (1/c^2) ||G_T - G_S||^2, G the channel correlation of a cell.
 

@@ -428,17 +428,17 @@ class FSP(Method):
         return f"pairs={self.pairs}, teacher_pairs={self.teacher_pairs}, lambdas={self.lambdas}, weight={self.weight}"
 
 
-@register(
-    "ickd",
-    "features",
-    Paper(
-        title="Exploring Inter-Channel Correlation for Diversity-preserved Knowledge Distillation",
-        authors="L. Liu, Q. Huang, S. Lin, H. Xie, B. Wang, X. Chang, X. Liang",
-        year=2021,
-        arxiv="2202.03680",
-        venue="ICCV",
-    ),
+# ICKD's paper, shared with its grid-level form (``distill.methods.ickd_grid``)
+ICKD_PAPER = Paper(
+    title="Exploring Inter-Channel Correlation for Diversity-preserved Knowledge Distillation",
+    authors="L. Liu, Q. Huang, S. Lin, H. Xie, B. Wang, X. Chang, X. Liang",
+    year=2021,
+    arxiv="2202.03680",
+    venue="ICCV",
 )
+
+
+@register("ickd", "features", ICKD_PAPER)
 class ICKD(Method):
     """Inter-channel correlation KD: (1/c^2) ||G_T - G_S||^2 of row-normalised c×c channel Gram matrices.
 
