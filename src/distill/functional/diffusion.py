@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["cosine_alpha_sigma", "ddim_sample", "ddim_step", "eps_from_x", "guided_x", "diffusion_log_snr",
+__all__ = ["cosine_alpha_sigma", "ddim_sample", "ddim_step", "eps_from_x", "guided_x", "diffusion_log_snr", "renoise",
            "progressive_target", "diffusion_snr_weight", "v_target", "diffusion_weighted_mse", "x_from_v"]
 
 WEIGHTINGS = ("truncated_snr", "snr+1", "snr", "none")
@@ -81,6 +81,25 @@ def guided_x(x_cond: Tensor, x_uncond: Tensor, w: Tensor | float) -> Tensor:
         raise ValueError(f"guided_x: x_cond {tuple(x_cond.shape)} and x_uncond {tuple(x_uncond.shape)} differ")
     wb = _b(w, x_cond)
     return (1 + wb) * x_cond - wb * x_uncond
+
+
+def renoise(z_s: Tensor, alpha_s: Tensor, sigma_s: Tensor, alpha_t: Tensor, sigma_t: Tensor, eps: Tensor) -> Tensor:
+    """One draw of the forward process from a time ``s`` to a LATER time ``t > s``, ``q(z_t | z_s)``:
+
+    ``z_t = (alpha_t / alpha_s) z_s + sigma_{t|s} eps``, ``sigma_{t|s}^2 = (1 - exp(lambda_t - lambda_s)) sigma_t^2``
+    (``lambda = log(alpha^2 / sigma^2)``; equal to ``sigma_t^2 - (alpha_t / alpha_s)^2 sigma_s^2``, the variance
+    of the variance-preserving process between ``s`` and ``t``).
+
+    ``z_s``, ``eps`` ``(B, C, H, W)`` (``eps ~ N(0, I)``); ``alpha_*``, ``sigma_*`` ``(B,)`` with ``alpha_s > 0``.
+    At ``s = 0`` (``sigma_s = 0``, ``alpha_s = 1``) this is ``alpha_t z_0 + sigma_t eps``, the usual ``q(z_t | x)``.
+    """
+    if z_s.shape != eps.shape:
+        raise ValueError(f"renoise: z_s {tuple(z_s.shape)} and eps {tuple(eps.shape)} differ")
+    lam_s, lam_t = diffusion_log_snr(alpha_s, sigma_s), diffusion_log_snr(alpha_t, sigma_t)
+    # lambda_s = +inf at s = 0: exp(-inf) = 0, the full variance sigma_t^2; clamp guards rounding below 0
+    var = ((1 - torch.exp(lam_t - lam_s)) * sigma_t ** 2).clamp(min=0)
+    shape = (-1, *([1] * (z_s.dim() - 1)))
+    return (alpha_t / alpha_s).view(shape) * z_s + var.sqrt().view(shape) * eps
 
 
 def ddim_step(z_t: Tensor, x_hat: Tensor, alpha_t: Tensor | float, sigma_t: Tensor | float,

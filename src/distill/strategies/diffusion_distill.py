@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill.functional.diffusion import (cosine_alpha_sigma, ddim_sample, ddim_step, diffusion_log_snr,
+from distill.functional.diffusion import (cosine_alpha_sigma, ddim_sample, ddim_step, renoise,
                                           diffusion_snr_weight, diffusion_weighted_mse, guided_x, progressive_target,
                                           v_target, x_from_v)
 from distill.papers import Paper
@@ -203,25 +203,6 @@ def train_diffusion_teacher(model: nn.Module, images: Tensor | None = None, labe
 
 
 # ----------------------------------------------------------------------------- sampling
-
-
-def renoise(z_s: Tensor, alpha_s: Tensor, sigma_s: Tensor, alpha_t: Tensor, sigma_t: Tensor, eps: Tensor) -> Tensor:
-    """One draw of the forward process from a time ``s`` to a LATER time ``t > s``, ``q(z_t | z_s)``:
-
-    ``z_t = (alpha_t / alpha_s) z_s + sigma_{t|s} eps``, ``sigma_{t|s}^2 = (1 - exp(lambda_t - lambda_s)) sigma_t^2``
-    (``lambda = log(alpha^2 / sigma^2)``; equal to ``sigma_t^2 - (alpha_t / alpha_s)^2 sigma_s^2``, the variance
-    of the variance-preserving process between ``s`` and ``t``).
-
-    ``z_s``, ``eps`` ``(B, C, H, W)`` (``eps ~ N(0, I)``); ``alpha_*``, ``sigma_*`` ``(B,)`` with ``alpha_s > 0``.
-    At ``s = 0`` (``sigma_s = 0``, ``alpha_s = 1``) this is ``alpha_t z_0 + sigma_t eps``, the usual ``q(z_t | x)``.
-    """
-    if z_s.shape != eps.shape:
-        raise ValueError(f"renoise: z_s {tuple(z_s.shape)} and eps {tuple(eps.shape)} differ")
-    lam_s, lam_t = diffusion_log_snr(alpha_s, sigma_s), diffusion_log_snr(alpha_t, sigma_t)
-    # lambda_s = +inf at s = 0: exp(-inf) = 0, the full variance sigma_t^2; clamp guards rounding below 0
-    var = ((1 - torch.exp(lam_t - lam_s)) * sigma_t ** 2).clamp(min=0)
-    shape = (-1, *([1] * (z_s.dim() - 1)))
-    return (alpha_t / alpha_s).view(shape) * z_s + var.sqrt().view(shape) * eps
 
 
 def stochastic_ddim_sample(denoise: Callable[[Tensor, Tensor], Tensor], z: Tensor, steps: int, *,
