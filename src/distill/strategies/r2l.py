@@ -93,11 +93,16 @@ def render_nerf_rays(teacher: NeRF, rays: Tensor, *, near: float, far: float, nu
         return render_hierarchical(teacher, fine, rays, near=near, far=far, num_samples=num_samples,
                                    num_fine_samples=teacher.num_fine_samples, background=background,
                                    perturb=perturb, generator=generator)
-    o, d = rays[:, :3], rays[:, 3:]
     t = sample_depths(near, far, num_samples, rays.shape[0], perturb=perturb, generator=generator, device=rays.device)
-    rgb, sigma = teacher(o[:, None, :] + t[..., None] * d[:, None, :])
-    deltas = DF.interval_lengths(t, far, d.norm(dim=-1))
-    return DF.volume_render(rgb, sigma, deltas, t, background)
+    return _composite(teacher, rays, t, far, background)
+
+
+def _composite(field: nn.Module, rays: Tensor, t: Tensor, far: float, background: Tensor | None) -> dict[str, Tensor]:
+    """``field`` evaluated at the depths ``t`` (N, S) of ``rays`` (N, 6), volume-rendered
+    (:func:`distill.functional.volume_render`; the last interval ends at ``far``)."""
+    o, d = rays[:, :3], rays[:, 3:]
+    rgb, sigma = field(o[:, None, :] + t[..., None] * d[:, None, :])
+    return DF.volume_render(rgb, sigma, DF.interval_lengths(t, far, d.norm(dim=-1)), t, background)
 
 
 def render_hierarchical(coarse: nn.Module, fine: nn.Module, rays: Tensor, *, near: float, far: float,
@@ -125,18 +130,14 @@ def render_hierarchical(coarse: nn.Module, fine: nn.Module, rays: Tensor, *, nea
         raise ValueError(f"rays must be (N, 6) = (origin, direction), got {tuple(rays.shape)}")
     if num_fine_samples <= 0:
         raise ValueError(f"num_fine_samples must be > 0 for hierarchical sampling, got {num_fine_samples}")
-    o, d = rays[:, :3], rays[:, 3:]
-    norm = d.norm(dim=-1)
     t_c = sample_depths(near, far, num_samples, rays.shape[0], perturb=perturb, generator=generator,
                         device=rays.device)
-    rgb_c, sigma_c = coarse(o[:, None, :] + t_c[..., None] * d[:, None, :])
-    out_c = DF.volume_render(rgb_c, sigma_c, DF.interval_lengths(t_c, far, norm), t_c, background)
+    out_c = _composite(coarse, rays, t_c, far, background)
     edges = torch.cat([t_c, torch.full_like(t_c[:, :1], far)], -1)  # (N, N_c + 1)
     u = fine_uniforms(rays.shape[0], num_fine_samples, perturb=perturb, generator=generator, device=rays.device)
     t_f = sample_pdf(edges, out_c["weights"].detach(), u)
     t_all = torch.sort(torch.cat([t_c, t_f], -1), -1).values
-    rgb_f, sigma_f = fine(o[:, None, :] + t_all[..., None] * d[:, None, :])
-    out = DF.volume_render(rgb_f, sigma_f, DF.interval_lengths(t_all, far, norm), t_all, background)
+    out = _composite(fine, rays, t_all, far, background)
     out["depths"] = t_all
     out.update(rgb_coarse=out_c["rgb"], acc_coarse=out_c["acc"], weights_coarse=out_c["weights"], depths_coarse=t_c)
     return out
