@@ -11,6 +11,10 @@ Each ``RUNS`` is a ``distill run --out`` folder (several when seeds ran in separ
    epoch both reached: the method's gain for that seed. With unfinished runs (stopped, or still going) this
    is a comparison at epoch k of the schedule, not a result of the recipe: the table says which epoch.
 
+With ``--per-epoch`` a third table: for each pair, the mean over the seeds both ran of the method's and the
+scratch row's score at every epoch, their gap, and the method's own loss term (``train_<method>``): where a
+method helps early and where the gap closes.
+
 Nothing is trained here; finish an interrupted run with ``distill run RECIPE --resume --out RUNS``.
 """
 
@@ -27,10 +31,12 @@ PAIRS = {
     "dense_bev_pointdistiller": "dense_bev_pillars_student",
     "dense_bev_lidar_distill": "dense_bev_pillars_student_16beams",
     "dense_mono3d_monodistill": "dense_mono3d_student",
+    # LiDAR Distillation's own setting: both start as the teacher's copy; the baseline only fine-tunes
+    "dense_bev_lidar_distill_from_teacher": "dense_bev_finetune_16beams_from_teacher",
 }
 ORDER = ["dense_bev_pillars_student", "dense_bev_sparse_kd3d", "dense_bev_pointdistiller",
          "dense_bev_pillars_student_16beams", "dense_bev_lidar_distill", "dense_mono3d_student",
-         "dense_mono3d_monodistill"]
+         "dense_mono3d_monodistill", "dense_bev_finetune_16beams_from_teacher", "dense_bev_lidar_distill_from_teacher"]
 
 
 def _history(folder: Path) -> list[dict]:
@@ -68,6 +74,7 @@ def collect(roots: list[Path]) -> dict[str, dict[int, list[dict]]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--per-epoch", action="store_true", help="also each pair's per-epoch means over seeds")
     args = ap.parse_args()
     runs = collect(args.runs)
     schedule = {}
@@ -108,6 +115,26 @@ def main() -> None:
                   f"{'–' if t is None else f'{t:.2f}':>8s}")
         if len(gains) > 1:
             print(f"{name:28s} {'mean':>4s} {'':>8s} {'':>8s} {'':>8s} {statistics.mean(gains):+8.2f}")
+    if args.per_epoch:
+        for name, base in PAIRS.items():
+            per_epoch(name, base, runs)
+
+
+def per_epoch(name: str, base: str, runs: dict[str, dict[int, list[dict]]]) -> None:
+    """Mean over the seeds both ran: method and scratch score per epoch, the gap, the method's loss term."""
+    seeds = sorted(set(runs.get(name, {})) & set(runs.get(base, {})))
+    if not seeds:
+        return
+    n = min(min(len(runs[name][s]), len(runs[base][s])) for s in seeds)
+    term = "train_" + name.removeprefix("dense_bev_").removeprefix("dense_mono3d_").removesuffix("_from_teacher")
+    print(f"\n{name} vs {base}, per epoch, mean over seeds {','.join(map(str, seeds))}")
+    print(f"{'epoch':>5s} {'method':>8s} {'scratch':>8s} {'gain':>8s} {term:>24s}")
+    for e in range(n):
+        a = statistics.mean(runs[name][s][e]["val_student_acc"] for s in seeds)
+        b = statistics.mean(runs[base][s][e]["val_student_acc"] for s in seeds)
+        losses = [runs[name][s][e][term] for s in seeds if term in runs[name][s][e]]
+        shown = f"{statistics.mean(losses):.3f}" if losses else "–"
+        print(f"{e + 1:5d} {a:8.2f} {b:8.2f} {a - b:+8.2f} {shown:>24s}")
 
 
 if __name__ == "__main__":

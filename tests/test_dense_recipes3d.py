@@ -13,7 +13,7 @@ from distill.recipes import RecipeError, load_recipe, parse_recipe, read_recipe_
 DENSE = Path(__file__).resolve().parents[1] / "recipes" / "dense"
 RECIPES3D = ["bev_pillars_teacher.yaml", "bev_sparse_kd3d.yaml", "bev_pointdistiller.yaml", "bev_lidar_distill.yaml",
              "mono3d_monodistill.yaml", "bev_pillars_student.yaml", "bev_pillars_student_16beams.yaml",
-             "mono3d_student.yaml"]
+             "mono3d_student.yaml", "bev_lidar_distill_from_teacher.yaml", "bev_finetune_16beams_from_teacher.yaml"]
 # each distillation recipe and its student-from-scratch row (a kind-train recipe of the same protocol)
 SCRATCH_ROWS = {"bev_sparse_kd3d.yaml": "bev_pillars_student.yaml", "bev_pointdistiller.yaml": "bev_pillars_student.yaml",
                 "bev_lidar_distill.yaml": "bev_pillars_student_16beams.yaml", "mono3d_monodistill.yaml": "mono3d_student.yaml"}

@@ -44,6 +44,16 @@ class ModelSpec(_Strict):
     kwargs: dict[str, Any] = Field(default_factory=dict)
     checkpoint: str | None = None  # a file written by distill.train.checkpoint.save_model
 
+    @model_validator(mode="before")
+    @classmethod
+    def _student_only(cls, data: Any) -> Any:
+        # a teacher (or any model but the recipe's student) starting as a copy of "its teacher" means nothing:
+        # say so, rather than pydantic's bare "unknown key"
+        if isinstance(data, dict) and "init_from_teacher" in data and "init_from_teacher" not in cls.model_fields:
+            raise ValueError(f"init_from_teacher={data['init_from_teacher']!r}: only the recipe's 'student' can start "
+                             "as a copy of its teacher's weights; remove it here")
+        return data
+
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
@@ -68,6 +78,24 @@ class ModelSpec(_Strict):
                 check_model_spec(self.name, self.kwargs)
             except (ImportError, OSError, TypeError) as e:  # pydantic reports ValueErrors only
                 raise ValueError(str(e)) from None
+        return self
+
+
+class StudentSpec(ModelSpec):
+    """The recipe's student: a :class:`ModelSpec`, and ``init_from_teacher: true`` to start each seed's
+    student as a copy of the recipe's one teacher once that teacher exists (trained in the run or
+    loaded from its checkpoint): LiDAR Distillation's setting (Wei et al., ECCV 2022, arXiv 2203.14956),
+    a student of the teacher's architecture initialised from its weights. The student then has the
+    teacher's model ``name`` (checked here), and a state dict of the teacher's keys and shapes (checked
+    on the built models, before any training: its kwargs may differ only where no weight changes shape)."""
+
+    init_from_teacher: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> StudentSpec:
+        if self.init_from_teacher and self.checkpoint is not None:
+            raise ValueError(f"init_from_teacher=True and checkpoint={self.checkpoint!r} both give the student's "
+                             "initial weights: keep one")
         return self
 
 
@@ -346,7 +374,7 @@ class Recipe(_Strict):
     kind: Literal["distill", "train"] = "distill"
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     data: DataSpec = Field(default_factory=DataSpec)
-    student: ModelSpec
+    student: StudentSpec
     teacher: TeacherSpec | None = None
     losses: dict[str, float | dict[str, Any]] = Field(default_factory=lambda: {"ce": 1.0})
     train: TrainSpec
@@ -394,6 +422,8 @@ class Recipe(_Strict):
             raise ValueError("losses.lidar_distill: its teacher sees the full-beam scan of the scenes whose reduced "
                              "scan the student sees: use data set 'lidar_scenes' with data.options.beams (the "
                              "student's) and data.options.teacher_beams (the teacher's)")
+        if self.student.init_from_teacher:
+            self._check_init_from_teacher()
         strategy = self.strategy.name if self.strategy is not None else None
         if self.data.targets != "labels" and strategy not in DENSE_TARGET_STRATEGIES:
             raise ValueError(f"data.targets {self.data.targets!r} gives dense target maps, which only a dense-output "
@@ -406,6 +436,25 @@ class Recipe(_Strict):
                 raise ValueError(f"hint_stage.method {self.hint_stage.method!r} is not one of the losses "
                                  f"{list(self.losses)}" + (f" nor a stage they offer {offered}" if offered else ""))
         return self
+
+    def _check_init_from_teacher(self) -> None:
+        """``student.init_from_teacher``: one teacher model of the student's name, copied by the plain
+        distillation loop (the state-dict keys and shapes are checked on the built models, by the runner)."""
+        where = "student.init_from_teacher=True"
+        if self.teacher is None:  # (kind train has none: it refuses one above)
+            raise ValueError(f"{where}: the student starts as a copy of the recipe's teacher, and this recipe has "
+                             f"none (kind {self.kind!r}, teacher {self.teacher!r}): add 'teacher' or remove it")
+        if self.teacher.ensemble is not None:
+            raise ValueError(f"{where}: the student copies one teacher, and 'teacher.ensemble' has "
+                             f"{len(self.teacher.ensemble)} members: use 'teacher.model'")
+        if self.strategy is not None:
+            raise ValueError(f"{where}: strategy {self.strategy.name!r} builds its own students; the copy of the "
+                             "teacher is made by the plain distillation loop: remove one")
+        teacher = self.teacher.model
+        assert teacher is not None
+        if self.student.name != teacher.name:
+            raise ValueError(f"{where}: the student copies the teacher's weights, so it must be the teacher's model: "
+                             f"student.name is {self.student.name!r}, teacher.model.name {teacher.name!r}")
 
 
 def _offered_stages(losses: dict[str, Any]) -> list[str]:

@@ -329,6 +329,10 @@ def run_recipe(recipe: Recipe, *, out_dir: str | Path | None = None, progress: b
     and refused otherwise, naming the fields that changed; ``resume`` continues an unfinished
     teacher only under the same settings.
 
+    With ``student.init_from_teacher`` each seed's student starts as a copy of the teacher's state dict,
+    taken once the teacher exists (trained, reused or loaded); a seed resumes only with the same
+    teacher weights (:func:`recipe_fingerprint`).
+
     With ``teacher.cache`` the students read the teacher's outputs from that cache (built first
     when it does not exist; :mod:`distill.cache`). ``cache_only``: stop once the cache is ready
     and return ``[its path]`` (``distill cache build``).
@@ -393,12 +397,15 @@ def _run_recipe(recipe: Recipe, *, base: Path, progress: bool, resume: bool, see
     if probe_teacher is not None and len(probe_teacher) == 1:
         probe_teacher = probe_teacher[0]
     probe_student = build_model(recipe.student, info["num_classes"], info["in_channels"])
+    if recipe.student.init_from_teacher:  # the copy must fit: same keys and shapes, before any training
+        _check_init_from_teacher(probe_student, teacher_models[0])
     _check_taps(losses, probe_student, probe_teacher)
     _check_widths(recipe, losses, probe_student, probe_teacher, data)
     make_distiller(probe_student, probe_teacher)
     # ---- and before any training: the folders this run writes may be written (resume, overwrite)
     if is_main_process():
-        _check_folders(recipe, losses, base, seeds, resume=resume, overwrite=overwrite, cache_only=cache_only)
+        _check_folders(recipe, losses, base, seeds, resume=resume, overwrite=overwrite, cache_only=cache_only,
+                       teacher_weights=_teacher_weights_known(recipe, base, teacher_models))
         # only now: a refused run leaves the recipe of the results already there
         atomic_write_text(base / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     barrier()
@@ -420,6 +427,8 @@ def _run_recipe(recipe: Recipe, *, base: Path, progress: bool, resume: bool, see
     # ---- train teachers that have no checkpoint, on the whole training split unless told otherwise
     teacher: Any = None
     metadata: dict[str, Any] | None = None
+    init_state: dict[str, torch.Tensor] | None = None  # student.init_from_teacher: the teacher's weights, copied
+    init_digest: str | None = None
     if recipe.teacher is not None:
         t = recipe.teacher
         teacher_data = build_data(_teacher_data_spec(recipe.data).model_copy(update={"train_subset": t.train_subset}),
@@ -437,6 +446,11 @@ def _run_recipe(recipe: Recipe, *, base: Path, progress: bool, resume: bool, see
             if is_main_process():
                 atomic_write_json(spec_file, fingerprint)
             teacher_models[i], member_metadata[i] = load_model(tdir / MODEL_FILE, teacher_models[i])
+        if recipe.student.init_from_teacher:
+            # copied now, before the teacher source may cast it (teacher.dtype); clones: the teacher's own
+            # tensors are never handed to a student that trains
+            init_state = {k: v.detach().clone() for k, v in teacher_models[0].state_dict().items()}
+            init_digest = _weights_digest(teacher_models[0])
         dtype = getattr(torch, t.dtype) if t.dtype else None
         metadata = _combine_metadata(member_metadata)
         if recipe.strategy is not None:  # a strategy gets the models as they are (it may train them further)
@@ -470,9 +484,11 @@ def _run_recipe(recipe: Recipe, *, base: Path, progress: bool, resume: bool, see
             teacher.prepare_loader(train_loader)
         torch.manual_seed(s)
         student = build_student(recipe.student, info["num_classes"], info["in_channels"])
+        if init_state is not None:  # LiDAR Distillation's student: a copy of the teacher (checked to fit above)
+            student.load_state_dict(init_state)
         d = make_distiller(student, teacher)
         t0 = time.perf_counter()
-        spec = recipe_fingerprint(recipe, losses, s)
+        spec = recipe_fingerprint(recipe, losses, s, teacher_weights=init_digest)
         stage_time = 0.0
         if recipe.hint_stage is not None:
             console.print(f"hint stage ({recipe.hint_stage.method}, {recipe.hint_stage.train.epochs} epochs)")
@@ -602,7 +618,8 @@ def _strategy_time(result: Any, t0: float) -> float:
 _FREE_TRAIN_KEYS = {"device", "loggers", "deterministic"}
 
 
-def recipe_fingerprint(recipe: Recipe, losses: dict[str, dict[str, Any]], seed: int) -> dict[str, Any]:
+def recipe_fingerprint(recipe: Recipe, losses: dict[str, dict[str, Any]], seed: int,
+                       teacher_weights: str | None = None) -> dict[str, Any]:
     """The fields of a validated recipe that determine one seed's result, as every checkpoint of the
     run records them and ``resume`` compares them (:func:`distill.train.rundir.check_fingerprint`).
 
@@ -612,6 +629,13 @@ def recipe_fingerprint(recipe: Recipe, losses: dict[str, dict[str, Any]], seed: 
     ``data.root``, ``device``/``loggers``/``deterministic`` of every ``train`` section,
     ``teacher.cache.path``/``verify``, and ``train.epochs``/``hint_stage.train.epochs`` (``fit`` checks
     those itself: a run may be extended when its schedule does not depend on the number of epochs).
+
+    With ``student.init_from_teacher`` the student's first weights are the teacher's: the fingerprint
+    then records ``student.init_from_teacher: true`` and ``teacher_weights``, the sha256 of the
+    teacher's state dict (:func:`_weights_digest`), so a resumed student refuses a teacher that was
+    retrained or replaced even under the same settings (or a teacher checkpoint file rewritten in
+    place). Without it neither key is written: fingerprints of runs made before the field existed
+    still match.
     """
     exclude: dict[str, Any] = {
         "seeds": True, "output_dir": True, "losses": True, "data": {"root"},
@@ -619,7 +643,57 @@ def recipe_fingerprint(recipe: Recipe, losses: dict[str, dict[str, Any]], seed: 
         "hint_stage": {"train": _FREE_TRAIN_KEYS | {"epochs"}},
         "teacher": {"train": _FREE_TRAIN_KEYS, "cache": {"path", "verify"}},
     }
-    return normalize_fingerprint({**recipe.model_dump(mode="json", exclude=exclude), "losses": losses, "seed": seed})
+    extra: dict[str, Any] = {}
+    if recipe.student.init_from_teacher:
+        extra["teacher_weights"] = teacher_weights
+    else:
+        exclude["student"] = {"init_from_teacher"}
+    return normalize_fingerprint({**recipe.model_dump(mode="json", exclude=exclude), "losses": losses, "seed": seed,
+                                  **extra})
+
+
+def _weights_digest(model: nn.Module) -> str:
+    """sha256 (hex) of a model's state dict (names, dtypes, shapes, bytes): what a student made by
+    ``init_from_teacher`` started from."""
+    from distill.synthesis.registry import teacher_fingerprint as state_digest
+
+    return state_digest(model)
+
+
+def _teacher_weights_known(recipe: Recipe, base: Path, teacher_models: list[nn.Module]) -> str | None:
+    """Before any training, the digest of the teacher a student of ``init_from_teacher`` copies: the
+    loaded checkpoint's, or the finished in-run teacher's that this run reuses; ``None`` when the
+    teacher is still to be trained (or the recipe does not copy it)."""
+    if not recipe.student.init_from_teacher or not teacher_models:
+        return None
+    if recipe.teacher is not None and recipe.teacher.members()[0].checkpoint is not None:
+        return _weights_digest(teacher_models[0])
+    from distill.train.checkpoint import load_model
+
+    for _, _, tdir, _, now, saved in _teachers_trained_here(recipe, base):
+        if (tdir / MODEL_FILE).is_file() and saved == now:
+            model, _ = load_model(tdir / MODEL_FILE, copy.deepcopy(teacher_models[0]))
+            return _weights_digest(model)
+    return None
+
+
+def _check_init_from_teacher(student: nn.Module, teacher: nn.Module) -> None:
+    """``student.init_from_teacher``: the student's state dict must have the teacher's keys and shapes
+    (the models as built, before any training); the error names the first key that differs."""
+    from distill.recipes import RecipeError
+
+    mine, theirs = student.state_dict(), teacher.state_dict()
+    for key in list(mine) + [k for k in theirs if k not in mine]:
+        if key not in theirs or key not in mine:
+            side = "student's" if key in mine else "teacher's"
+            raise RecipeError(f"student.init_from_teacher: {key!r} is only in the {side} state dict: the student "
+                              "copies the teacher's weights, so student.kwargs must build the teacher's model "
+                              "(compare them with teacher.model.kwargs)")
+        if mine[key].shape != theirs[key].shape:
+            raise RecipeError(f"student.init_from_teacher: {key!r} has shape {tuple(mine[key].shape)} in the student "
+                              f"and {tuple(theirs[key].shape)} in the teacher: the student copies the teacher's "
+                              "weights, so student.kwargs must build the teacher's model (compare them with "
+                              "teacher.model.kwargs)")
 
 
 def teacher_fingerprint(recipe: Recipe, member: int) -> dict[str, Any]:
@@ -640,8 +714,11 @@ def teacher_fingerprint(recipe: Recipe, member: int) -> dict[str, Any]:
 
 
 def _check_folders(recipe: Recipe, losses: dict[str, dict[str, Any]], base: Path, seeds: list[int], *,
-                   resume: bool, overwrite: bool, cache_only: bool) -> None:
-    """Before any training: may this run write its teacher and seed folders? (see :func:`run_recipe`)."""
+                   resume: bool, overwrite: bool, cache_only: bool, teacher_weights: str | None = None) -> None:
+    """Before any training: may this run write its teacher and seed folders? (see :func:`run_recipe`).
+
+    ``teacher_weights``: the digest of the teacher that ``student.init_from_teacher`` copies, when it
+    exists already (:func:`_teacher_weights_known`); a seed resumed without it is refused."""
     from distill.train.checkpoint import load_checkpoint
     from distill.train.rundir import check_epochs
 
@@ -658,12 +735,16 @@ def _check_folders(recipe: Recipe, losses: dict[str, dict[str, Any]], base: Path
         if not resume:
             raise RunFolderError(f"{run_dir} already holds results of a run: pass --resume to continue it or "
                                  "--overwrite to replace it (or --out to write elsewhere)")
+        if recipe.student.init_from_teacher and teacher_weights is None:
+            raise ResumeError(f"cannot resume {run_dir}: its student started as a copy of the teacher, and no "
+                              "trained teacher is there to compare with (it would be trained anew, maybe to other "
+                              "weights); restore the teacher folder, or pass --overwrite to start afresh")
         if recipe.strategy is not None:  # each stage's fit checks its own folder; here: something to resume
             if not any(run_dir.rglob("last.pt")):
                 raise ResumeError(f"cannot resume {run_dir}: it holds results but no checkpoints/last.pt; "
                                   "pass --overwrite to replace them")
             continue
-        now = recipe_fingerprint(recipe, losses, s)
+        now = recipe_fingerprint(recipe, losses, s, teacher_weights=teacher_weights)
         stages = [(run_dir, recipe.train)]
         if recipe.hint_stage is not None:
             stages.insert(0, (run_dir / "hint_stage", recipe.hint_stage.train))

@@ -208,23 +208,42 @@ class LiDARDistill(Method):
     The student sees the beam-reduced scan, the teacher the full-beam scan of the same scene; the
     student's BEV features regress the teacher's inside the teacher's detected boxes.
 
-    Loss: :func:`~distill.functional.dense3d.lidar_distill_loss`, the channel-wise L2 distance
-    between the two ``"bev_features"`` maps, averaged over each box's cells
+    Loss: :func:`~distill.functional.dense3d.lidar_distill_loss`, the channel-wise L2 distance (not
+    squared) between the two ``"bev_features"`` maps, averaged over each box's cells
     (:func:`~distill.functional.dense3d.box_region_weights`), averaged over the boxes. ``region =
     "teacher"``: the teacher's boxes decoded from its own head (score ≥ ``score_threshold``, at most
     ``max_boxes`` per scene); ``region = "gt"``: the ground-truth boxes (the authors' ``mimic_mode``
-    ``roi`` and ``gt``). A student of another width passes through a 1×1 conv (ours: the paper's
-    student has the teacher's architecture and starts from its weights).
+    ``roi`` and ``gt``). A student of another width passes through a 1×1 conv (ours).
 
-    The paper's progressive scheme (64 → 32 → 16 beams, each stage's student initialised from and
-    then taught by the previous stage's model) is a loop over stages: see
-    ``examples/dense3d_lidar_distill.py``. The teacher must read the full-beam scan:
-    ``Distiller(student, BeamTeacher(teacher), ...)`` with batches from :func:`paired_beams`.
+    Sources (Wei, Wei, Rao, Li, Zhou, Lu, ECCV 2022, arXiv 2203.14956): the paper's method section
+    could not be read here (the abstract and the first page were; issue 14 searched ar5iv again on
+    2026-12-07). Read instead: the authors' code (``weiyithu/LiDAR-Distillation``):
+    ``tools/train_utils/train_mimic_utils.py`` (``cal_mimic_loss``: per-cell L2 norm of
+    ``spatial_features_2d``, the BEV map the dense head reads, each region's mask normalised to sum 1,
+    the sum divided by B × the RoIs per scene; ``loss + mimic_weight · loss_mimic``),
+    ``pcdet/models/roi_heads/pillar_head.py`` (``rois_mimic``: 128 RoIs per scene sampled by the
+    teacher's second stage from its proposals, up to half of them foreground (``FG_RATIO 0.5``), the
+    rest background), ``tools/train_mimic.py`` and ``docs/GETTING_STARTED.md`` (student and teacher
+    built from the same model config; the student loads the teacher's checkpoint, ``--pretrained_model``
+    = ``--pretrained_teacher_model``; ``--mimic_weight 1 --mimic_mode roi``; the teacher's optimiser
+    config, e.g. ``adam_onecycle`` lr 3e-3, gradient clip 10). The formula above is the code's; the
+    regions differ: ours are the teacher's detections only (our one-stage models have no proposal
+    sampler), so no background region is mimicked; ``score_threshold = 0.3`` and ``max_boxes = 50``
+    are ours. A cell belongs to a box when its centre lies inside (the code compares the cell's index).
 
-    Defaults: ``region="teacher"`` and weight 1 are the authors' README (``--mimic_weight 1
-    --mimic_mode roi``); ``score_threshold = 0.3`` and ``max_boxes = 50`` are ours (their proposals
-    come from a second-stage head our one-stage models lack). The pseudo-low-beam data the paper
-    makes from real scans are here the scene generator's beam model (``distill.data.pointscenes``).
+    **The paper's student starts from the teacher's weights** (same architecture) and is fine-tuned on
+    the reduced scans; a narrower student from scratch (``recipes/dense/bev_lidar_distill.yaml``) is
+    not the paper's setting: there the per-cell L2 term, whose gradient does not shrink as the maps
+    approach, stays about twice the task loss and its gradient at the pillar net exceeds the task's by
+    the end of training (issue 14 diagnostic, ``docs/dense.md``). In a recipe the paper's stage is
+    ``student: {name: pillars_teacher, init_from_teacher: true}`` (each seed's student starts as a copy
+    of the in-run or loaded teacher: ``recipes/dense/bev_lidar_distill_from_teacher.yaml``, beside its
+    fine-tuning-only baseline ``bev_finetune_16beams_from_teacher.yaml``); the progressive scheme
+    (64 → 32 → 16 beams, each stage's student initialised from and then taught by the previous
+    stage's model) is a loop over stages: ``examples/dense/dense3d_kd.py --only lidar``. The teacher
+    must read the full-beam scan: ``Distiller(student, BeamTeacher(teacher), ...)`` with batches from
+    :func:`paired_beams`. The pseudo-low-beam data the paper makes from real scans are here the scene
+    generator's beam model (``distill.data.pointscenes``).
     """
 
     requires_prepare = True
@@ -303,33 +322,51 @@ def _graph_adapter(cin: int, cout: int) -> nn.Sequential:
 class PointDistiller(Method):
     """PointDistiller's local distillation with reweighted learning, on the pillars (voxels).
 
-    Per scene: the ``num_voxels`` BEV cells with the most points (the teacher's ``"pillar_counts"``)
-    are the graph centres; each centre's ``k`` nearest occupied cells in the teacher's pillar-feature
-    space (``"pillar_bev"``) are its neighbours; the edges ``[f_neighbour, f_centre]`` of the
-    teacher's and of the student's features pass each through its own graph convolution (a 1×1 conv
-    + BatchNorm + ReLU to ``channels``, trained by this method); the squared difference is weighted
-    per centre by ``num_voxels · softmax(points / tau)``
+    Per scene: the ``num_voxels`` BEV cells with the most points (the teacher's ``"pillar_counts"``,
+    capped at ``max_points``) are the graph centres; each centre's ``k`` nearest occupied cells in the
+    teacher's pillar-feature space (``"pillar_bev"``) are its neighbours; the edges ``[f_neighbour,
+    f_centre]`` of the teacher's and of the student's features pass each through its own graph
+    convolution (a 1×1 conv + BatchNorm + ReLU to ``channels``, both trained with the student); the
+    squared difference is weighted per centre by ``num_voxels · softmax(min(points, max_points) / tau)``
     (:func:`~distill.functional.dense3d.reweighted_graph_loss`).
 
-    Defaults: only the paper's abstract could be read here; the structure and ``tau = 0.01``, the
-    graph width 32 and the loss factor 2 (``weight = 2``: the code's ``_dist.mean() * 2``) come from
-    the authors' code (``RunpeiDong/PointDistiller``, ``voxelnet.py`` ``get_voxel_knn`` for
-    PointPillars). The code samples 6000 pillars with 128 neighbours on KITTI-sized grids; ours
-    (``num_voxels = 64``, ``k = 16``) fit 64×64 grids of a few hundred occupied cells. The code's
-    point-based variant (PointRCNN) is not built: our students are grid-based.
+    Sources (Zhang, Dong, Tai, Ma, CVPR 2023, arXiv 2205.11098): the paper's method section could not
+    be read here (the abstract and the introduction were; issue 14 searched ar5iv and the arXiv text
+    again on 2026-12-07). Everything below is from the authors' code (``RunpeiDong/PointDistiller``,
+    ``mmdet3d/models/detectors/voxelnet.py``, ``get_voxel_knn``, the path its PointPillars students
+    run): top-``num_voxels`` centres by point count, k-NN in the teacher's features, the edge layout,
+    the two trained 1×1 conv + BN + ReLU graph convolutions of width 32, ``F.mse_loss`` per element
+    times ``num_voxels · softmax(count / 1e-2)`` per centre, averaged, times 2 (``weight = 2``); the
+    students train from scratch beside their detection loss (160 KITTI epochs,
+    ``configs/pointpillars/*_student_4x.py``), so a from-scratch student is the paper's setting.
+
+    ``max_points = 32``: the code's point count is the voxeliser's ``num_points``, which keeps at most
+    ``max_num_points = 32`` points per pillar (``configs/_base_/models/hv_pointpillars_secfpn_kitti.py``);
+    our pillars keep every point, so the count is capped here. Without the cap (``max_points=None``)
+    the softmax at τ = 0.01 puts the whole weight on the single fullest pillar of each scene (measured
+    on ``lidar_scenes``: 1.0 effective centre of 64; with the cap, a median 39). Ours: per-scene
+    softmax and k-NN (the code's run over the whole batch's pillars), 64 centres and 16 neighbours
+    (the code's 6000 and 128 are for KITTI's ~12k pillars; ours fit 64×64 grids of a few hundred
+    occupied cells). The code's point-based variant (PointRCNN) is not built: our students are
+    grid-based.
     """
 
     requires_prepare = True
 
     def __init__(self, student_tap: str = "pillar_bev", teacher_tap: str = "pillar_bev",
                  importance_tap: str = "pillar_counts", num_voxels: int = 64, k: int = 16, tau: float = 0.01,
-                 channels: int = 32, weight: float = 2.0, warmup_epochs: int = 0) -> None:
+                 channels: int = 32, max_points: int | None = 32, weight: float = 2.0, warmup_epochs: int = 0) -> None:
         super().__init__(weight=weight, warmup_epochs=warmup_epochs)
         if num_voxels < 1 or k < 1 or tau <= 0 or channels < 1:
             raise ValueError(f"pointdistiller: num_voxels, k, channels >= 1 and tau > 0 expected, got "
                              f"{num_voxels}, {k}, {tau}, {channels}")
+        bad_cap = isinstance(max_points, bool) or not isinstance(max_points, int) or max_points < 1
+        if max_points is not None and bad_cap:
+            raise ValueError(f"pointdistiller: max_points must be an int >= 1 (the voxeliser's points per pillar) "
+                             f"or None (no cap), got {max_points!r}")
         self.student_tap, self.teacher_tap, self.importance_tap = student_tap, teacher_tap, importance_tap
         self.num_voxels, self.k, self.tau, self.channels = int(num_voxels), int(k), float(tau), int(channels)
+        self.max_points = max_points
         self.student_taps = [student_tap]
         self.teacher_taps = [teacher_tap, importance_tap]
         self.student_adapt: nn.Module | None = None
@@ -347,17 +384,21 @@ class PointDistiller(Method):
         self.teacher_adapt = _graph_adapter(2 * t.shape[1], self.channels).to(s)
 
     def graphs(self, student_view: View, teacher_view: View) -> tuple[Tensor, Tensor, Tensor]:
-        """The two sides' graph features ``(B, 2C, S, k)`` (before the adapters) and the centres' importance ``(B, S)``."""
+        """The two sides' graph features ``(B, 2C, S, k)`` (before the adapters) and the centres' importance ``(B, S)``
+        (their point counts, capped at ``max_points``)."""
         s = tap(student_view, self.student_tap, "student")
         t = tap(teacher_view, self.teacher_tap, "teacher").detach()
         counts = tap(teacher_view, self.importance_tap, "teacher").detach().flatten(1)  # (B, H·W)
+        # the authors' count is the voxeliser's, which keeps at most max_num_points per pillar: capped, the
+        # saturated pillars tie and share the softmax's weight instead of one pillar taking it all
+        importance = counts if self.max_points is None else counts.clamp(max=float(self.max_points))
         s, t = s.flatten(2).transpose(1, 2), t.flatten(2).transpose(1, 2)  # (B, N, C)
         n = min(self.num_voxels, t.shape[1])
-        centres = topk_cells(counts, n)
+        centres = topk_cells(importance, n)
         neighbours = knn_indices(t, t.gather(1, centres.unsqueeze(-1).expand(-1, -1, t.shape[2])), min(self.k, t.shape[1]),
                                  candidates=counts > 0)
         return (graph_features(s, centres, neighbours), graph_features(t, centres, neighbours),
-                counts.gather(1, centres))
+                importance.gather(1, centres))
 
     def forward(self, student_view: View, teacher_view: View, batch: Batch) -> Tensor:
         if self.student_adapt is None or self.teacher_adapt is None:
@@ -366,7 +407,8 @@ class PointDistiller(Method):
         return reweighted_graph_loss(self.student_adapt(gs), self.teacher_adapt(gt), importance, self.tau)
 
     def extra_repr(self) -> str:
-        return f"num_voxels={self.num_voxels}, k={self.k}, tau={self.tau}, channels={self.channels}, weight={self.weight}"
+        return (f"num_voxels={self.num_voxels}, k={self.k}, tau={self.tau}, channels={self.channels}, "
+                f"max_points={self.max_points}, weight={self.weight}")
 
 
 # ============================================================================================

@@ -445,12 +445,15 @@ class KnowledgeAdaptation(_AutoencoderOwner):
     The adapted map is resized bilinearly to the latent's grid when they differ. Without the
     stage the encoder is a fixed random projection (it still trains, but that is not the paper).
 
-    Sources: the paper's text could not be read here (abstract only: "feature similarity in a
-    transferred latent domain formulated by utilizing a pre-trained autoencoder", "an affinity
-    distillation module ... non-local interactions across the whole image"); α = 50, β = 1, p = 2
-    and latent_ratio = 0.5 are our reading of it, unverified; the auto-encoder and adaptation-unit
-    layouts are ours. Formulas: :func:`distill.functional.ka_adaptation_loss`,
-    :func:`distill.functional.ka_affinity_loss`.
+    Sources (He, Shen, Tian, Gong, Sun, Yan, CVPR 2019, arXiv 1903.04688): only the abstract could be
+    read ("feature similarity in a transferred latent domain formulated by utilizing a pre-trained
+    autoencoder", "an affinity distillation module ... non-local interactions across the whole
+    image"). Issue 14 searched again on 2026-12-07: the stored ar5iv page and a copy of the CVF
+    paper (fdocuments.in) give the abstract and introduction only (the copy's contents name 3.1
+    "Knowledge Translation and Adaptation" and 3.2 "Affinity Distillation Module", unread),
+    third-party summaries add nothing quantitative, and no authors' code is known. So α = 50, β = 1, p = 2 and latent_ratio = 0.5
+    are our reading, unverified; the auto-encoder and adaptation-unit layouts are ours. Formulas:
+    :func:`distill.functional.ka_adaptation_loss`, :func:`distill.functional.ka_affinity_loss`.
     """
 
     requires_prepare = True
