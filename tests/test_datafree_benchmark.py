@@ -138,3 +138,32 @@ def test_scan_reads_a_stopped_dfad_run_for_the_speedup(tmp_path, bench):
     save_checkpoint(tmp_path / "dfad_s2" / "last.pt", {"iteration": 25, "time_s": 1.0, "history": []})
     with pytest.raises(SystemExit, match="expected fast_dfkd_s2/metrics.jsonl"):
         scan.curves(tmp_path, 2)
+
+
+def test_the_ceiling_is_the_student_trained_on_the_real_labels(bench, monkeypatch):
+    """``--ceiling``: LeNet-5-half trained on the real MNIST training set with labels (no teacher), one
+    epoch of the teacher's protocol; a trained student, far above chance, tested on real test images."""
+    import torch
+
+    from tests._mnist import mnist_dir
+
+    root = mnist_dir()
+    if root is None:
+        pytest.skip("no MNIST files (../shared/data/mnist or $DISTILL_MNIST)")
+    monkeypatch.setenv("DISTILL_MNIST", str(root))
+    threads = torch.get_num_threads()
+    try:
+        row = bench.run_ceiling({"seed": 0, "epochs": 1, "val_subset": 1000})
+    finally:
+        torch.set_num_threads(threads)
+    assert row["method"] == "real_data_student" and row["seed"] == 0
+    assert row["last"] == row["best"] and 80.0 < row["last"] <= 100.0
+    assert row["curve"] == [] and row["wall"] > 0
+
+
+def test_the_ceiling_trains_the_benchmarks_student_with_the_jobs_settings(bench, monkeypatch):
+    seen = []
+    monkeypatch.setattr(bench, "train_on_real", lambda *a, **k: (seen.append((a, k)), (None, 55.5))[1])
+    row = bench.run_ceiling({"seed": 2, "epochs": 7, "val_subset": 300})
+    assert seen == [(("lenet5_half", {}, 7, 300), {"seed": 2})]
+    assert (row["method"], row["seed"], row["last"], row["best"]) == ("real_data_student", 2, 55.5, 55.5)
