@@ -22,6 +22,7 @@ from distill.recipes import RecipeError, parse_recipe, read_recipe_file
 from distill.runner import recipe_fingerprint, run_recipe, teacher_fingerprint
 from distill.train.checkpoint import load_checkpoint, load_model, save_model
 from distill.train.rundir import ResumeError, SpecMismatchError
+from tests.test_recipes import error_of
 
 REPO = Path(__file__).resolve().parents[1]
 DENSE = REPO / "recipes" / "dense"
@@ -54,10 +55,6 @@ def copied_recipe(name: str = "copy", **overrides: Any) -> dict[str, Any]:
     return data
 
 
-def error_of(data: dict[str, Any]) -> str:
-    with pytest.raises(RecipeError) as info:
-        parse_recipe(data)
-    return str(info.value)
 
 
 def states(module: torch.nn.Module) -> dict[str, torch.Tensor]:
