@@ -48,10 +48,12 @@ def main() -> None:
     torch.set_num_threads(1)
     q = args.quick
     steps, n, tw, sw = (6, 256, 16, 8) if q else (args.steps, args.train_subset, args.teacher_width, args.student_width)
-    x, _ = load_mnist(_default_mnist_root(), "train")
+    x, labels = load_mnist(_default_mnist_root(), "train")
     test, _ = load_mnist(_default_mnist_root(), "test")
+    # --quick: the FID/KID extractor on 2,000 images (uncached; the full one is cached once per machine)
+    net = (train_feature_net("mnist", epochs=1, images=x[:2000], labels=labels[:2000], progress=False)
+           if q else train_feature_net("mnist", epochs=2, progress=True))
     x = x[:n]
-    net = train_feature_net("mnist", epochs=1 if q else 2, progress=not q)
     torch.manual_seed(args.seed)
     teacher = train_gan(StyleGenerator(width=tw), StyleDiscriminator(width=tw), x, steps=steps,
                         batch_size=args.batch, seed=args.seed, progress=not q).ema
