@@ -20,7 +20,9 @@ monocular 3D detector on the same scenes' camera view, BEV AP), ``ssod`` (semi-s
 Methods are found in the registry by family (``FAMILY_TASK``; ``TASK_OF`` sends a method to another
 task), so a method registered later appears without touching this file; ``METHOD_LOSSES`` holds the
 loss settings that differ from "task loss 1 + the method with its paper defaults", ``STAGES`` the
-methods whose paper trains a part first, ``SPECIAL`` the ones that need other data or teachers.
+methods whose paper trains a part first, ``SPECIAL`` the ones that need other data or teachers,
+``BASELINES`` the scratch students of another scan (LiDAR Distillation's 16-beam student is compared with a
+16-beam scratch student, not with the 64-beam one).
 ``--quick`` is a smoke run (tiny data, one epoch, one seed): it checks that every row runs.
 """
 
@@ -90,6 +92,8 @@ STAGES: dict[str, tuple[str, int]] = {"knowledge_adaptation": ("ka_autoencoder",
 SKIP = {"ka_autoencoder", "graph_flow_paraphraser"}
 # LiDAR Distillation: the student sees STUDENT_BEAMS beams, the teacher the full 64-beam scans
 SPECIAL = {"lidar_distill": {"student_beams": 16}}
+# rows that are not methods: a student from scratch on another scan, the baseline of the rows named here
+BASELINES = {"bev": {"scratch_16beams": {"student_beams": 16, "baseline_of": ["lidar_distill"]}}}
 # LGD has no pretrained teacher (the method owns its label-guided one)
 TEACHER_FREE = {"lgd"}
 
@@ -185,7 +189,7 @@ def _teacher(task: str, args: dict[str, Any], train: Any, val: Any, out: Path) -
 
 def _losses(task: str, name: str) -> dict[str, Any]:
     loss = TASKS[task]["task_loss"]
-    if name == "scratch":
+    if name == "scratch" or name in BASELINES.get(task, {}):
         return {loss: 1.0}
     return METHOD_LOSSES.get(name, {loss: 1.0, name: {}})
 
@@ -219,7 +223,12 @@ def _distill(task: str, name: str, seed: int, a: dict[str, Any], train: Any, val
     torch.manual_seed(seed)
     student = _model(cfg["student"], task, train)
     teacher: Any = None
-    if name != "scratch" and name not in TEACHER_FREE:
+    baseline = BASELINES.get(task, {}).get(name)
+    if baseline is not None:  # a scratch student on the scan its methods' students see
+        low = train.with_beams(baseline["student_beams"])
+        loader = low.loader(a["batch"], shuffle=True, seed=seed, inputs="points")
+        val_loader = val.with_beams(baseline["student_beams"]).loader(2 * a["batch"], inputs="points")
+    if name != "scratch" and name not in TEACHER_FREE and baseline is None:
         teacher = _model(cfg["teacher"], task, train)
         teacher.load_state_dict(torch.load(a["teachers"][task], weights_only=True))
     if name in SPECIAL and "student_beams" in SPECIAL[name]:  # LiDAR Distillation: fewer beams, teacher on 64
@@ -295,9 +304,15 @@ def table(results: list[dict[str, Any]], teachers: dict[str, float | None]) -> s
             t = teachers[task]
             lines.append(f"| teacher ({TASKS[task]['teacher']}) | {TASKS[task]['task_loss']} | "
                          f"{'—' if t is None else f'{t:.2f}'} | | | 1 |")
-        scratch = [r["score"] for r in rows if r["name"] == "scratch" and r.get("score") is not None]
-        base = statistics.fmean(scratch) if scratch else None
+        def mean_of(baseline: str) -> float | None:
+            scores = [r["score"] for r in rows if r["name"] == baseline and r.get("score") is not None]
+            return statistics.fmean(scores) if scores else None
+
+        # a method compared with a baseline of its own (LiDAR Distillation: the 16-beam scratch student)
+        own_base = {m: b for b, spec in BASELINES.get(task, {}).items() for m in spec["baseline_of"]}
         for name in dict.fromkeys(r["name"] for r in rows):
+            base_name = own_base.get(name, "scratch")
+            base = mean_of(base_name)
             mine = [r for r in rows if r["name"] == name]
             errors = [r["error"] for r in mine if "error" in r]
             scores = [r["score"] for r in mine if r.get("score") is not None]
@@ -307,7 +322,8 @@ def table(results: list[dict[str, Any]], teachers: dict[str, float | None]) -> s
             if errors and not scores:
                 lines.append(f"| {name} | {losses} | error: {errors[0][:120]} | | | 0 |")
                 continue
-            delta = f"{statistics.fmean(scores) - base:+.2f}" if base is not None and scores and name != "scratch" else ""
+            delta = ("" if base is None or not scores or name == "scratch" or name in BASELINES.get(task, {})
+                     else f"{statistics.fmean(scores) - base:+.2f}" + ("" if base_name == "scratch" else f" (vs {base_name})"))
             lines.append(f"| {name} | {losses} | {_fmt(scores)} | {delta} | {_fmt(times)} | {len(scores)} |")
         lines.append("")
     return "\n".join(lines)
@@ -316,7 +332,7 @@ def table(results: list[dict[str, Any]], teachers: dict[str, float | None]) -> s
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    p.add_argument("--methods", nargs="+", default=None, help="only these methods (scratch always runs)")
+    p.add_argument("--methods", nargs="+", default=None, help="only these methods (scratch always runs, a method's own baseline with it)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--teacher-epochs", type=int, default=None)
@@ -347,8 +363,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"teacher {task}: {score}", file=sys.stderr)
     args["teachers"] = paths
     jobs = [{"task": task, "name": name, "seed": seed, "args": args}
-            for task in a.tasks for name in ["scratch", *methods_of(task)]
+            for task in a.tasks for name in ["scratch", *BASELINES.get(task, {}), *methods_of(task)]
             if a.methods is None or name == "scratch" or name in a.methods
+            or set(BASELINES.get(task, {}).get(name, {}).get("baseline_of", [])) & set(a.methods)
             for seed in range(seeds)]
     results: list[dict[str, Any]] = []
     runner = (_job(j) for j in jobs) if a.workers <= 1 else run_pool(_job, jobs, a.workers)
