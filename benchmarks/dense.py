@@ -292,6 +292,60 @@ def _fmt(values: list[float]) -> str:
     return f"{mean:.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{mean:.2f}"
 
 
+def baseline_of(task: str, name: str) -> str:
+    """The row a method is compared with: its own baseline (``BASELINES``) or the task's scratch student."""
+    return next((b for b, spec in BASELINES.get(task, {}).items() if name in spec["baseline_of"]), "scratch")
+
+
+def paired_gains(results: list[dict[str, Any]]) -> str:
+    """Per task and method, the gain over its baseline seed by seed (same seed: same initial weights and
+    batch order), their mean, and on how many seeds the gain is positive."""
+    lines = []
+    for task in dict.fromkeys(r["task"] for r in results):
+        scored = {(r["name"], r["seed"]): r["score"] for r in results
+                  if r["task"] == task and r.get("score") is not None}
+        lines.append(f"paired gains ({task}; method − its baseline, per seed):")
+        for name in dict.fromkeys(r["name"] for r in results if r["task"] == task):
+            if name == "scratch" or name in BASELINES.get(task, {}):
+                continue
+            base = baseline_of(task, name)
+            gains = [scored[(name, seed)] - scored[(base, seed)] for (n, seed) in scored
+                     if n == name and (base, seed) in scored]
+            if gains:
+                lines.append(f"  {name:22s} vs {base:16s} " + " ".join(f"{g:+6.2f}" for g in gains)
+                             + f"   mean {statistics.fmean(gains):+.2f}, positive on {sum(g > 0 for g in gains)}"
+                             f"/{len(gains)} seeds")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def read_logs(paths: list[str]) -> tuple[list[dict[str, Any]], dict[str, float | None]]:
+    """``(results, teachers)`` from the stderr of earlier runs (their ``teacher <task>: <score>`` lines and
+    one JSON line per run), in the table's order. A run found twice must have the same score (the runs are
+    deterministic); if not, that is an error, since the logs would come from different protocols."""
+    results: dict[tuple[str, str, int], dict[str, Any]] = {}
+    teachers: dict[str, float | None] = {}
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith("teacher ") and ": " in line:
+                task, score = line[len("teacher "):].split(": ", 1)
+                teachers[task] = None if score == "None" else float(score)
+            elif line.startswith("{"):
+                r = json.loads(line)
+                key = (r["task"], r["name"], r["seed"])
+                if key in results and results[key].get("score") != r.get("score"):
+                    raise ValueError(f"{key} has two scores in the logs: {results[key].get('score')} and "
+                                     f"{r.get('score')} (logs of different protocols?)")
+                results.setdefault(key, r)
+    order = list(TASKS)
+
+    def rank(r: dict[str, Any]) -> tuple[int, int, str, int]:
+        kind = 0 if r["name"] == "scratch" else 1 if r["name"] in BASELINES.get(r["task"], {}) else 2
+        return order.index(r["task"]), kind, r["name"], r["seed"]
+
+    return sorted(results.values(), key=rank), teachers
+
+
 def table(results: list[dict[str, Any]], teachers: dict[str, float | None]) -> str:
     lines = []
     for task in dict.fromkeys(r["task"] for r in results):
@@ -308,10 +362,8 @@ def table(results: list[dict[str, Any]], teachers: dict[str, float | None]) -> s
             scores = [r["score"] for r in rows if r["name"] == baseline and r.get("score") is not None]
             return statistics.fmean(scores) if scores else None
 
-        # a method compared with a baseline of its own (LiDAR Distillation: the 16-beam scratch student)
-        own_base = {m: b for b, spec in BASELINES.get(task, {}).items() for m in spec["baseline_of"]}
         for name in dict.fromkeys(r["name"] for r in rows):
-            base_name = own_base.get(name, "scratch")
+            base_name = baseline_of(task, name)
             base = mean_of(base_name)
             mine = [r for r in rows if r["name"] == name]
             errors = [r["error"] for r in mine if "error" in r]
@@ -342,7 +394,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--root", default=None, help="MNIST folder (default: distill's)")
     p.add_argument("--reuse", action="store_true", help="keep cached teachers whose settings match")
     p.add_argument("--write-docs", action="store_true")
+    p.add_argument("--from-logs", nargs="+", default=None, metavar="STDERR",
+                   help="run nothing: rebuild the table from the stderr of earlier runs (their JSON lines)")
     a = p.parse_args(argv)
+    if a.from_logs:
+        results, teachers = read_logs(a.from_logs)
+        text = f"rebuilt from {len(results)} run(s) in {len(a.from_logs)} log(s)\n\n" + table(results, teachers)
+        print(text + "\n" + paired_gains(results))
+        if a.write_docs:
+            write_section("dense", text + "\n" + paired_gains(results))
+        return
     size_name = "quick" if a.quick else "full"
     size = SIZES[size_name]
     seeds = 1 if a.quick else a.seeds
@@ -381,6 +442,7 @@ def main(argv: list[str] | None = None) -> None:
     text = (f"{size_name} protocol: {seeds} seed(s), {args['epochs']} student epoch(s), {args['teacher_epochs']} "
             f"teacher epoch(s){' (' + ', '.join(own) + ')' if own else ''}; total "
             f"{time.perf_counter() - t_start:.0f} s\n\n" + table(results, teachers))
+    text += "\n" + paired_gains(results)
     print(text)
     if a.write_docs:
         write_section("dense", text)

@@ -59,3 +59,33 @@ def test_full_schedules_per_task(bench):
     # the command line wins over a task's own schedule; the quick protocol ignores them
     assert bench._epochs("detection", {**args, "epochs": 3, "epochs_set": True}, "epochs") == 3
     assert bench._epochs("detection", {**args, "size_name": "quick", "epochs": 1}, "epochs") == 1
+
+
+def test_paired_gains_are_per_seed_against_each_methods_baseline(bench):
+    results = (_rows("bev", "scratch", [20.0, 30.0]) + _rows("bev", "scratch_16beams", [10.0, 16.0])
+               + _rows("bev", "lidar_distill", [13.0, 15.0]) + _rows("bev", "sparse_kd3d", [21.5, 30.0]))  # a zero gain is not a positive one
+    text = bench.paired_gains(results)
+    lidar = next(x for x in text.splitlines() if x.strip().startswith("lidar_distill"))
+    sparse = next(x for x in text.splitlines() if x.strip().startswith("sparse_kd3d"))
+    assert "vs scratch_16beams" in lidar and "+3.00" in lidar and "-1.00" in lidar
+    assert lidar.endswith("mean +1.00, positive on 1/2 seeds")
+    assert "+1.50" in sparse and sparse.endswith("mean +0.75, positive on 1/2 seeds")
+    assert not any(x.strip().startswith("scratch") for x in text.splitlines())
+
+
+def test_read_logs_rebuilds_the_runs_and_refuses_two_different_scores(bench, tmp_path):
+    import json
+
+    first, second = tmp_path / "a.err", tmp_path / "b.err"
+    first.write_text("teacher bev: 35.5\nsome warning\n" + "\n".join(
+        json.dumps(r) for r in _rows("bev", "sparse_kd3d", [25.0]) + _rows("bev", "scratch", [20.0])) + "\n")
+    second.write_text("\n".join(json.dumps(r) for r in _rows("bev", "scratch", [20.0, 22.0])
+                                + _rows("detection", "scratch", [5.0])) + "\n")
+    results, teachers = bench.read_logs([str(first), str(second)])
+    assert teachers == {"bev": 35.5}
+    # one row per (task, run, seed); tasks in the script's order, scratch first
+    assert [(r["task"], r["name"], r["seed"]) for r in results] == [
+        ("detection", "scratch", 0), ("bev", "scratch", 0), ("bev", "scratch", 1), ("bev", "sparse_kd3d", 0)]
+    second.write_text(json.dumps(_rows("bev", "scratch", [20.5])[0]) + "\n")
+    with pytest.raises(ValueError, match="two scores"):
+        bench.read_logs([str(first), str(second)])
