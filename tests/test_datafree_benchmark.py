@@ -3,26 +3,14 @@ comparison of fast_dfkd against dfad (issue 13). No training runs here: the curv
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "datafree.py"
+from _benchmarks import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(SCRIPT.parent))  # the script imports its sibling _common
-    try:
-        spec = importlib.util.spec_from_file_location("bench_datafree_under_test", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
-    return module
+    return load_benchmark("datafree")
 
 
 def test_overrides_are_parsed_as_literals(bench):
@@ -86,13 +74,7 @@ def test_speedup_rejects_missing_runs(bench):
 
 
 def test_scan_table_aligns_runs_by_epoch(tmp_path):
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_scan_under_test", SCRIPT.parent / "datafree_diagnosis_scan.py")
-        scan = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(scan)
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    scan = load_benchmark("datafree_diagnosis_scan")
     log = tmp_path / "fast_dfkd_s0" / "metrics.jsonl"
     log.parent.mkdir()
     log.write_text('{"epoch": 0, "val_student_acc": 11.36, "time_s": 55.4}\n'
@@ -113,13 +95,7 @@ def test_scan_table_aligns_runs_by_epoch(tmp_path):
 def test_scan_reads_a_stopped_dfad_run_for_the_speedup(tmp_path, bench):
     from distill.train.checkpoint import save_checkpoint
 
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_scan_under_test2", SCRIPT.parent / "datafree_diagnosis_scan.py")
-        scan = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(scan)
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    scan = load_benchmark("datafree_diagnosis_scan")
     (tmp_path / "fast_dfkd_s1").mkdir()
     (tmp_path / "fast_dfkd_s1" / "metrics.jsonl").write_text(
         '{"epoch": 3, "val_student_acc": 19.68, "time_s": 375.0}\n{"epoch": 4, "val_student_acc": 64.12, "time_s": 544.0}\n')

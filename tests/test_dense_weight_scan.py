@@ -3,26 +3,14 @@ numbers (mean ± std, Δ vs scratch) are worked out by hand, and bad options fai
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "dense_weight_scan.py"
+from _benchmarks import load_benchmark
 
 
 def _bench():
-    sys.path.insert(0, str(SCRIPT.parent))  # the script imports its sibling dense (and dense's _common)
-    try:
-        spec = importlib.util.spec_from_file_location("bench_dense_weight_scan", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
-    return module
+    return load_benchmark("dense_weight_scan")
 
 
 def test_the_scanned_weight_multiplies_the_papers_outer_weight():

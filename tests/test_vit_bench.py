@@ -3,7 +3,6 @@ the table's honesty (a missing piece reads "not available" with its reason, neve
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _benchmarks import load_benchmark
 
 from tests._mnist import mnist_dir
 
@@ -19,14 +19,7 @@ SCRIPT = ROOT / "benchmarks" / "vit.py"
 
 
 def _bench():
-    sys.path.insert(0, str(SCRIPT.parent))  # the script imports its sibling _common
-    try:
-        spec = importlib.util.spec_from_file_location("bench_vit", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
-    return module
+    return load_benchmark("vit")
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
